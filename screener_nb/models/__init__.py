@@ -1,0 +1,1 @@
+"""Networks: 3D UNet backbones, density models, positional encodings."""

@@ -1,0 +1,1 @@
+"""Self-supervised pretraining: positive pairs, augmentations, masking and dense losses."""

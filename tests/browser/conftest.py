@@ -1,0 +1,140 @@
+"""Fixtures for browser tests: a real JupyterLab server and headless Debian Chromium.
+
+* ``lab_server``: ``jupyter lab`` on 127.0.0.1 (free port, empty token) with every
+  Jupyter/IPython directory in a temp folder, the repository on PYTHONPATH, the
+  news/update notifications switched off.
+* ``browser_page``: a Playwright (sync API) page in /usr/bin/chromium, launched with
+  the flags measured in shared/TOOLING.md; never ``playwright install``.
+  Skipped, with the reason, when /usr/bin/chromium is missing
+  (``apt-get install -y chromium``).
+* ``browser_notebook``: the py:percent notebook to open; default the small fixture
+  next to this file, overridden by the environment variable
+  ``SCREENER_BROWSER_NOTEBOOK`` (e.g. ``notebooks/07_explore.py``) or by a
+  fixture of the same name in a closer conftest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+SERVER_START_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> Path:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium (the Makefile does it for CI)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency (pip install playwright)")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
+def lab_server(tmp_path_factory, chromium_path):
+    """(base_url, root_dir) of a JupyterLab server that only this session uses."""
+    tmp = tmp_path_factory.mktemp("lab")
+    root = tmp / "root"
+    root.mkdir()
+    env = dict(os.environ)
+    for var, sub in (("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_DATA_DIR", "data"),
+                     ("JUPYTER_RUNTIME_DIR", "runtime"), ("IPYTHONDIR", "ipython"),
+                     ("JUPYTERLAB_SETTINGS_DIR", "lab-settings"),
+                     ("JUPYTERLAB_WORKSPACES_DIR", "lab-workspaces")):
+        (tmp / sub).mkdir()
+        env[var] = str(tmp / sub)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("SCREENER_HEADLESS", None)
+    # no "news" popup, no update check: they cover the notebook and need the network
+    notif = tmp / "lab-settings" / "@jupyterlab" / "apputils-extension"
+    notif.mkdir(parents=True)
+    (notif / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    port = _free_port()
+    log = open(tmp / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         "--IdentityProvider.token=", "--ServerApp.open_browser=False",
+         f"--ServerApp.root_dir={root}", *(["--allow-root"] if os.geteuid() == 0 else [])],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(SERVER_START_TIMEOUT_S * 4):
+            try:
+                with urllib.request.urlopen(f"{base}/api/status", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            try:  # waits 0.25 s, and notices a server that died
+                proc.wait(timeout=0.25)
+                raise RuntimeError(f"jupyter lab exited ({proc.returncode}):\n{(tmp / 'server.log').read_text()}")
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            raise RuntimeError(f"jupyter lab did not answer in {SERVER_START_TIMEOUT_S} s:\n"
+                               f"{(tmp / 'server.log').read_text()}")
+        yield base, root
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def browser(chromium_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(chromium_path), headless=True, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def browser_page(browser):
+    context = browser.new_context(viewport={"width": 1500, "height": 1000})
+    page = context.new_page()
+    page.console_messages = []  # type: ignore[attr-defined]
+    page.on("console", lambda m: page.console_messages.append(f"{m.type}: {m.text}"))
+    yield page
+    context.close()
+
+
+@pytest.fixture
+def browser_notebook() -> Path:
+    """The py:percent notebook the viewer browser test opens."""
+    override = os.environ.get("SCREENER_BROWSER_NOTEBOOK")
+    path = Path(override) if override else Path(__file__).resolve().parent / "viewer_fixture.py"
+    if not path.is_absolute():
+        path = REPO / path
+    if not path.exists():
+        raise FileNotFoundError(f"SCREENER_BROWSER_NOTEBOOK: no such notebook {path}")
+    return path
+
+
+@pytest.fixture
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
