@@ -476,6 +476,27 @@ class PooledMetrics:
                             self.dice_threshold, self._n_cases, self._n_pos, self._n_neg, self._n_regions,
                             self.mode)
 
+    def curve(self, kind: str = "roc", max_points: int | None = 2000) -> tuple[np.ndarray, np.ndarray]:
+        """Vertices ``(fpr, tpr)`` of the pooled ROC curve (``kind="roc"``) or ``(fpr, pro)`` (``"pro"``).
+
+        The polyline through them, from (0, 0) to (1, 1), is the curve the
+        metrics integrate (ties as straight segments). For plotting,
+        ``max_points`` keeps that many evenly spaced vertices (None: all).
+        """
+        if kind not in ("roc", "pro"):
+            raise ConfigError(f"kind: expected 'roc' or 'pro', found {kind!r}")
+        self._require("PooledMetrics.curve", need_regions=kind == "pro")
+        c = self._curve_inputs()
+        w = c["n_pos_at"] / self._n_pos if kind == "roc" else c["pro_at"] / self._n_regions
+        w, f_gt, f_ge = w[::-1], c["n_gt"][::-1] / self._n_neg, c["n_ge"][::-1] / self._n_neg  # high -> low
+        after = np.cumsum(w)
+        x = np.concatenate(([0.0], np.stack([f_gt, f_ge], 1).ravel(), [1.0]))
+        y = np.concatenate(([0.0], np.stack([after - w, after], 1).ravel(), [after[-1] if after.size else 0.0]))
+        if max_points is not None and x.size > max_points:
+            keep = np.unique(np.linspace(0, x.size - 1, max_points).round().astype(np.intp))
+            x, y = x[keep], y[keep]
+        return x, y
+
     def best_dice(self) -> DiceAtThreshold:
         """Largest pooled Dice over all thresholds (exact mode). An UPPER BOUND: see :func:`best_dice`."""
         if self.mode != "exact":

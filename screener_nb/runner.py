@@ -1,0 +1,197 @@
+"""Headless runs: execute the numbered notebooks in order with papermill.
+
+``python -m screener_nb run --profile quick --out runs/q`` reads each
+``notebooks/NN_*.py`` (py:percent, through jupytext: papermill cannot read it
+directly), injects the stage's parameters and executes it; the executed
+``.ipynb`` goes to ``runs/q/notebooks/``. The run directory is the unit of
+work:
+
+* ``params.yaml``   what the run was asked for (profile + overrides); a later
+  call with different values on the same directory is refused rather than
+  mixing two configurations silently (``--force`` a stage to redo it);
+* ``run.json``      environment (package versions, device), stage timings;
+* ``<stage>/DONE``  written by a notebook as its last act; completed stages
+  are skipped when the run is started again, an interrupted stage is re-run
+  and its training resumes from the last checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import config, files
+from .errors import ConfigError, ScreenerError
+
+# Stage -> folder in the run directory holding its DONE marker (None: always run).
+STAGE_DIRS = {
+    "environment": None, "data": "data", "descriptor": "descriptor", "condition": "condition",
+    "density": "density", "distill": "distill", "evaluate": "eval", "explore": None,
+}
+DEFAULT_STAGES = ["environment", "data", "descriptor", "condition", "density", "distill", "evaluate"]
+
+
+class StageFailed(ScreenerError):
+    """A notebook raised; the message holds the failing cell's error."""
+
+
+def notebooks_dir() -> Path:
+    env = os.environ.get("SCREENER_NOTEBOOKS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def notebook_path(stage: str) -> Path:
+    path = notebooks_dir() / f"{config.NOTEBOOKS[stage]}.py"
+    if not path.exists():
+        raise ConfigError(f"stage {stage!r}: notebook {path} not found")
+    return path
+
+
+def parse_stages(text: str | Iterable[str] | None) -> list[str]:
+    """``"01,02"``, ``"data,descriptor"`` or ``"01-04"`` -> stage names in pipeline order."""
+    if text is None:
+        return list(DEFAULT_STAGES)
+    items = config.split_list(text) if isinstance(text, str) else list(text)
+    by_number = {spec["notebook"][:2]: name for name, spec in config.STAGES.items()}
+    chosen: set[str] = set()
+    for item in items:
+        if "-" in item and all(p.isdigit() for p in item.split("-")):
+            lo, hi = (int(p) for p in item.split("-"))
+            chosen |= {by_number[f"{i:02d}"] for i in range(lo, hi + 1) if f"{i:02d}" in by_number}
+        elif item in by_number:
+            chosen.add(by_number[item])
+        elif item in config.STAGES:
+            chosen.add(item)
+        else:
+            raise ConfigError(f"unknown stage {item!r}; known: {', '.join(f'{n} ({s['notebook'][:2]})' for n, s in config.STAGES.items())}")
+    return [s for s in config.STAGE_ORDER if s in chosen]
+
+
+def stage_done(run_dir: Path, stage: str) -> bool:
+    folder = STAGE_DIRS[stage]
+    return folder is not None and (run_dir / folder / "DONE").exists()
+
+
+def _check_run_params(run_dir: Path, requested: dict[str, Any]) -> None:
+    """Refuse to continue a run with other parameters than it was started with."""
+    path = run_dir / "params.yaml"
+    if not path.exists():
+        return
+    import yaml
+
+    saved = yaml.safe_load(path.read_text()) or {}
+    diff = {k: (saved.get(k), v) for k, v in requested.items() if saved.get(k) != v}
+    diff.update({k: (v, None) for k, v in saved.items() if k not in requested})
+    if diff:
+        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ConfigError(
+            f"{run_dir} was started with other parameters ({detail}). Use a new --out, "
+            "or pass --force with the stages to redo (their old outputs are kept in .replaced/)"
+        )
+
+
+def _retire(run_dir: Path, stage: str) -> None:
+    """Move a forced stage's outputs aside (never delete results silently)."""
+    folder = STAGE_DIRS[stage]
+    if folder and (run_dir / folder).exists():
+        dest = run_dir / ".replaced" / f"{folder}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(run_dir / folder), str(dest))
+        print(f"[run] --force {stage}: previous outputs moved to {dest}", flush=True)
+
+
+def execute_stage(stage: str, run_dir: Path, params: dict[str, Any], *, timeout: int | None = None) -> Path:
+    """Execute one notebook with papermill; return the executed notebook's path."""
+    import jupytext
+    import papermill as pm
+
+    src = notebook_path(stage)
+    nb = jupytext.read(src)
+    nb.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
+    out = run_dir / "notebooks" / f"{src.stem}.ipynb"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.environ["SCREENER_HEADLESS"] = "1"  # the kernel inherits it: no widgets, no viewer, sparse progress
+    try:
+        pm.execute_notebook(
+            nb, str(out), parameters=params, kernel_name="python3", cwd=str(src.parent),
+            progress_bar=False, log_output=False, execution_timeout=timeout,
+        )
+    except pm.PapermillExecutionError as e:
+        raise StageFailed(
+            f"stage {stage} ({src.name}) failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
+            f"  executed notebook with the full traceback: {out}"
+        ) from None
+    return out
+
+
+def run(
+    out: str | Path,
+    profile: str = "quick",
+    params: dict[str, Any] | None = None,
+    stages: str | Iterable[str] | None = None,
+    force: str | Iterable[str] | None = None,
+    param_file: str | Path | None = None,
+) -> Path:
+    """Run the pipeline's notebooks into run directory ``out``; see module docstring."""
+    import yaml
+
+    run_dir = Path(out).resolve()
+    given: dict[str, Any] = {}
+    if param_file:
+        text = Path(param_file).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{param_file}: expected a mapping of parameter names to values, found {type(loaded).__name__}")
+        given.update(loaded)
+    given.update(params or {})
+    for reserved in ("run_dir",):
+        if reserved in given:
+            raise ConfigError(f"parameter {reserved!r} is set by --out, not by -p")
+    given["profile"] = given.get("profile", profile)
+    given = config.validate(None, given)  # unknown names and bad types fail here, before any work
+    chosen = parse_stages(stages)
+    forced = parse_stages(force) if force else []
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    requested = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(given.items())}
+    if not forced:
+        _check_run_params(run_dir, requested)
+    for stage in forced:
+        _retire(run_dir, stage)
+    files.write_text(run_dir / "params.yaml", yaml.safe_dump(requested, sort_keys=True))
+    if param_file:
+        files.write_text(run_dir / "params.from_file.yaml", Path(param_file).read_text())
+
+    from .runtime import environment_report
+
+    record = files.read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {"stages": {}}
+    record["environment"] = environment_report()
+    record["profile"] = given["profile"]
+    for stage in chosen:
+        if stage_done(run_dir, stage):
+            print(f"[run] {stage}: done already, skipped (use --force {stage} to redo)", flush=True)
+            continue
+        stage_names = config.stage_params(stage)
+        stage_values = {k: v for k, v in given.items() if k in stage_names}
+        stage_values = {k: list(v) if isinstance(v, tuple) else v for k, v in stage_values.items()}
+        stage_values["run_dir"] = str(run_dir)
+        print(f"[run] {stage}: executing {config.NOTEBOOKS[stage]}.py ...", flush=True)
+        t0 = time.perf_counter()
+        record["stages"][stage] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        files.write_json(run_dir / "run.json", record)
+        try:
+            nb_out = execute_stage(stage, run_dir, stage_values)
+        except StageFailed:
+            record["stages"][stage]["status"] = "failed"
+            files.write_json(run_dir / "run.json", record)
+            raise
+        seconds = time.perf_counter() - t0
+        record["stages"][stage] = {"status": "done", "seconds": round(seconds, 1), "notebook": str(nb_out)}
+        files.write_json(run_dir / "run.json", record)
+        print(f"[run] {stage}: done in {seconds:.0f} s", flush=True)
+    report = run_dir / "eval" / "report.html"
+    if report.exists():
+        print(f"[run] report: {report}", flush=True)
+    return run_dir
