@@ -368,6 +368,7 @@ class PooledMetrics:
     def update(self, scores: Any, labels: Any, roi: Any = None, *, name: str | None = None) -> None:
         """Add one case: ``scores`` (X, Y, Z) real, ``labels`` binary, ``roi`` binary or None.
 
+        ``labels=None`` adds a case without lesion (all its ROI voxels are normal).
         ``name`` (e.g. the case id) is used in error messages.
         """
         tag = f"[{name}]" if name is not None else f"[{self._n_cases}]"

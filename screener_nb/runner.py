@@ -65,7 +65,8 @@ def parse_stages(text: str | Iterable[str] | None) -> list[str]:
         elif item in config.STAGES:
             chosen.add(item)
         else:
-            raise ConfigError(f"unknown stage {item!r}; known: {', '.join(f'{n} ({s['notebook'][:2]})' for n, s in config.STAGES.items())}")
+            known = ", ".join(f"{n} ({spec['notebook'][:2]})" for n, spec in config.STAGES.items())
+            raise ConfigError(f"unknown stage {item!r}; known: {known}")
     return [s for s in config.STAGE_ORDER if s in chosen]
 
 

@@ -81,3 +81,27 @@ def collapse_monitors(encoder: nn.Module, image: np.ndarray, body: np.ndarray | 
     std = embedding_std(f)
     return {"std_mean": float(std.mean()), "std_min": float(std.min()), "effective_rank": effective_rank(f),
             "dim": int(f.shape[1])}
+
+
+@torch.inference_mode()
+def dense_features(encoder: nn.Module, image: np.ndarray, patch=(48, 48, 32), overlap: float = 0.25,
+                   mask: np.ndarray | None = None) -> torch.Tensor:
+    """Full-resolution feature map (D, X, Y, Z) of a whole preprocessed scan
+    (sliding window, Gaussian blending; ``mask`` hides voxels, 1 = hidden)."""
+    from monai.inferers import sliding_window_inference
+
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    if mask is None:
+        return sliding_window_inference(x, tuple(patch), 2, lambda w: encode(encoder, w).float(),
+                                        overlap=overlap, mode="gaussian")[0]
+    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    both = torch.cat([x, m], dim=1)
+    return sliding_window_inference(both, tuple(patch), 2, lambda w: encode(encoder, w[:, :1], w[:, 1:]).float(),
+                                    overlap=overlap, mode="gaussian")[0]
+
+
+def similarity_map(features_a: torch.Tensor, voxel, features_b: torch.Tensor) -> np.ndarray:
+    """Cosine similarity (X, Y, Z) between the descriptor of ``voxel`` in scan A
+    and every voxel of scan B (the "click a voxel, find it in another scan" figure)."""
+    q = features_a[(slice(None), *voxel)].float()
+    return F.cosine_similarity(features_b.float(), q[:, None, None, None], dim=0).numpy()

@@ -508,6 +508,8 @@ class OfflineViewer(_ThresholdModel):
         state: dict with method, threshold, center, dice, sensitivity, n_above, n_label, n_overlap.
     """
 
+    _REGION_PROMPT = "jump to a region (largest scores first)..."
+
     def __init__(self, image, maps, label=None, spacing=(1.0, 1.0, 1.0), roi=None, threshold=None,
                  title=None, *, center=None, window=None, overlay_opacity: float = 0.55,
                  radiological: bool = True, n_regions: int = 10, height: int = 420,
@@ -539,7 +541,7 @@ class OfflineViewer(_ThresholdModel):
             s.observe(functools.partial(self._on_slice, ax), names="value")
             self.sliders[ax] = s
         self.x_slider, self.y_slider, self.z_slider = (self.sliders[a] for a in "xyz")
-        self.region_dropdown = w.Dropdown(options=[("jump to a region...", None)], description="regions",
+        self.region_dropdown = w.Dropdown(options=[(self._REGION_PROMPT, 0)], value=0, description="regions",
                                           style={"description_width": "80px"}, layout=w.Layout(width="480px"))
         self.region_dropdown.add_class("screener-regions")
         self.region_dropdown.observe(self._on_region, names="value")
@@ -624,16 +626,16 @@ class OfflineViewer(_ThresholdModel):
 
     def _refresh_regions(self) -> None:
         self.regions = self.top_regions()
-        opts = [("jump to a region...", None)]
+        opts = [(self._REGION_PROMPT, 0)]
         for r in self.regions:
             ml = f", {r['volume_ml']:.2f} ml" if "volume_ml" in r else ""
             opts.append((f"#{r['rank']}: max {r['max']:.4g}, mean {r['mean']:.4g}, {r['size']:,} vox{ml} "
                          f"at {r['center']}", r["rank"]))
         self.region_dropdown.options = opts
-        self.region_dropdown.value = None
+        self.region_dropdown.value = 0
 
     def _on_region(self, change) -> None:
-        if change["new"] is not None:
+        if change["new"]:  # 0 is the prompt
             self.goto(self.regions[change["new"] - 1]["center"])
 
     # -- public ----------------------------------------------------------------

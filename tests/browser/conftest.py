@@ -68,6 +68,10 @@ def lab_server(tmp_path_factory, chromium_path):
     notif.mkdir(parents=True)
     (notif / "notification.jupyterlab-settings").write_text(
         json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    # start the notebook's kernel without the "Select Kernel" dialog
+    tracker = tmp / "lab-settings" / "@jupyterlab" / "notebook-extension"
+    tracker.mkdir(parents=True)
+    (tracker / "tracker.jupyterlab-settings").write_text(json.dumps({"autoStartDefaultKernel": True}))
     port = _free_port()
     log = open(tmp / "server.log", "wb")
     proc = subprocess.Popen(

@@ -17,7 +17,7 @@ import pytest
 pytestmark = pytest.mark.browser
 
 KERNEL_READY_MS = 120_000
-RUN_ALL_MS = 240_000  # the whole notebook (the quick profile of notebook 07 included)
+RUN_ALL_MS = 180_000  # the whole notebook (the quick profile of notebook 07 included)
 ROUND_TRIP_MS = 60_000
 
 
@@ -31,14 +31,36 @@ def _to_ipynb(src, dest_dir):
 
 
 def _dismiss_popups(page):
-    """Close Lab's notification toasts / dialogs if any appeared (news, kernel choice)."""
-    for sel in ("button:has-text('No')", ".jp-Dialog button.jp-mod-accept"):
-        loc = page.locator(sel)
-        if loc.count() and loc.first.is_visible():
-            loc.first.click()
+    """Accept a kernel-choice dialog and close the news toast, if either appeared."""
+    dialog = page.locator(".jp-Dialog button.jp-mod-accept")
+    if dialog.count() and dialog.first.is_visible():
+        dialog.first.click()
+    news = page.locator(".jp-toast-button", has_text="No")
+    if news.count() and news.first.is_visible():
+        news.first.click()
 
 
 def test_offline_viewer_in_jupyterlab(lab_server, browser_page, browser_notebook, artifacts_dir):
+    try:
+        _drive_viewer(lab_server, browser_page, browser_notebook, artifacts_dir)
+    except BaseException:
+        browser_page.screenshot(path=str(artifacts_dir / "viewer_failure.png"))
+        print("console:", *browser_page.console_messages[-30:], sep="\n  ")
+        raise
+
+
+def _run_all(page, idle):
+    """Run > Run All Cells, once the notebook's kernel is connected and idle."""
+    from playwright.sync_api import expect
+
+    expect(page.locator(".jp-StatusBar-TextItem", has_text="Idle").first).to_be_visible(timeout=KERNEL_READY_MS)
+    expect(idle).to_have_count(1, timeout=KERNEL_READY_MS)
+    page.locator(".jp-NotebookPanel .jp-InputPrompt").first.click()  # make the notebook the current widget
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+
+
+def _drive_viewer(lab_server, browser_page, browser_notebook, artifacts_dir):
     from playwright.sync_api import expect
 
     t0 = time.perf_counter()
@@ -50,12 +72,9 @@ def test_offline_viewer_in_jupyterlab(lab_server, browser_page, browser_notebook
     # notebook open and its kernel idle
     expect(page.locator(".jp-NotebookPanel")).to_be_visible(timeout=KERNEL_READY_MS)
     idle = page.locator(".jp-NotebookPanel .jp-Notebook-ExecutionIndicator[data-status='idle']")
-    expect(idle).to_have_count(1, timeout=KERNEL_READY_MS)
+    page.locator(".jp-Dialog").or_(idle).first.wait_for(timeout=KERNEL_READY_MS)
     _dismiss_popups(page)
-
-    # Run > Run All Cells
-    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    _run_all(page, idle)
 
     viewer = page.locator(".screener-viewer").first
     expect(viewer).to_be_visible(timeout=RUN_ALL_MS)
@@ -67,7 +86,7 @@ def test_offline_viewer_in_jupyterlab(lab_server, browser_page, browser_notebook
     assert heatmaps.count() >= 3, f"expected >= 3 heatmap layers, found {heatmaps.count()}"
     for title in ("axial", "coronal", "sagittal"):
         expect(plot.locator("text.annotation-text", has_text=title)).to_have_count(1)
-    contour = plot.locator("g.contour path.contourlevel")
+    contour = plot.locator("g.contourlevel path")
     assert contour.count() >= 1, "the ground-truth outline is not drawn"
     expect(idle).to_have_count(1, timeout=RUN_ALL_MS)  # every cell done
 

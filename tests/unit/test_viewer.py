@@ -123,7 +123,7 @@ def test_offline_viewer_method_switch_and_regions(phantom):
     ref = viewer.dice_and_sensitivity(2 * amap, label, v.state["threshold"])
     assert v.state["dice"] == pytest.approx(ref["dice"])
     # the region dropdown lists top_regions at the current threshold and jumps there
-    assert v.region_dropdown.options[0][1] is None and len(v.region_dropdown.options) == len(v.regions) + 1
+    assert v.region_dropdown.options[0][1] == 0 and len(v.region_dropdown.options) == len(v.regions) + 1
     v.region_dropdown.value = 1
     assert v.state["center"] == v.regions[0]["center"]
 

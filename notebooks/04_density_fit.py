@@ -1,0 +1,131 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Density models and whole-volume anomaly maps
+#
+# **What you learn:** how Screener turns features into an anomaly score. With both
+# encoders frozen, a density model q(y | c) of descriptors y given conditions c is
+# fitted on healthy scans; a voxel's score is -log q(y | c), so rare patterns
+# (pathology) score high. You compare three conditions (none, sin-cos position,
+# the learned masking-invariant condition) and two densities (diagonal Gaussian,
+# normalizing flow) -- the paper's ablation (Table 3).
+#
+# **Runtime:** quick < 2 min, demo ~6-8 min on 2 CPU cores, full ~hours on one GPU.
+# **Previous:** [03 · Condition SSL](03_condition_ssl.ipynb) · **Next:** [05 · Distillation](05_distill.ipynb)
+
+# %% tags=["parameters"]
+profile = "quick"  # quick | demo | full
+run_dir = "runs/quick"  # run directory shared by all stages
+device = "auto"  # auto | cpu | cuda
+seed = 0  # random seed
+conditions = None  # comma-separated: none, sincos, learned (None = all three)
+densities = None  # comma-separated: gaussian, flow
+steps = None  # optimiser steps per density model
+batch = None  # crops per step (paper 4)
+patch = None  # crop size (X, Y, Z)
+pool_stride = None  # average-pooling stride (paper 3, 3, 2)
+noise_std = None  # training noise on y and c (paper 0.1)
+flow_depth = None  # flow blocks
+flow_hidden = None  # coupling-net width (paper 512)
+sincos_dim = None  # channels of the sin-cos position condition
+lr = None  # peak learning rate
+warmup = None  # warm-up steps
+checkpoint_every = None  # steps between atomic checkpoints
+log_every = None  # steps between log rows
+num_workers = None  # DataLoader workers
+weight_decay = None  # AdamW weight decay
+grad_clip = None  # gradient-norm clip
+
+# %%
+from screener_nb import config
+
+cfg = config.resolve("density", globals())
+print(config.as_dict(cfg))
+
+# %% [markdown]
+# ## Fit every density
+# Descriptor and condition maps are average-pooled with stride (3, 3, 2); during
+# training N(0, 0.1^2) noise is added to both (it smooths the density and keeps
+# the flow from over-fitting). The loss is the mean NLL over all grid positions.
+
+# %% papermill_description=fit-densities
+from screener_nb.density_fit import fit_densities
+
+folders = fit_densities(cfg)
+print("fitted:", ", ".join(folders))
+
+# %%
+import numpy as np
+import pandas as pd
+
+from screener_nb.train import load_log
+from screener_nb.viz.plots import loss_curves
+
+nll = {name: load_log(folder).nll_per_dim.values for name, folder in folders.items()}
+steps_axis = load_log(next(iter(folders.values()))).step.values
+loss_curves({"step": steps_axis, **nll}, title="training NLL per descriptor dimension (nats)")
+
+# %% [markdown]
+# ## Anomaly maps of whole scans
+# `Screener.from_run(...)` rebuilds the frozen pipeline; `anomaly_map` slides a
+# window over the scan and, inside each window, computes descriptors, conditions,
+# pooling, -log q and upsampling, so only a one-channel map is ever stitched.
+# Here: a phantom lesion case, and the real LIDC-IDRI-0001 nodule when the sample
+# cohort was fetched (`make data-samples`).
+
+# %% papermill_description=anomaly-maps
+from screener_nb.data.cohort import load_cohort
+from screener_nb.inference import Screener
+from screener_nb.viz.plots import histogram_by_class, orthogonal_slices
+
+test_cases = [c for c in load_cohort(cfg.run_dir, role="test") if c.label is not None and c.label.any()]
+shown = [c for c in test_cases if c.dataset == "phantoms"][:1] + [c for c in test_cases if "lidc" in c.id][:1]
+best = "learned-flow" if "learned-flow" in folders else next(iter(folders))
+screener = Screener.from_run(cfg.run_dir, *best.split("-"), device=cfg.device)
+maps = {c.id: screener.score_preprocessed(c.image, c.body, c.spacing) for c in shown}
+for c in shown:
+    centre = tuple(int(v) for v in np.argwhere(c.label > 0).mean(0))
+    orthogonal_slices(np.asarray(c.image), overlay=maps[c.id], label=c.label, center=centre, spacing=c.spacing,
+                      overlay_threshold=float(np.quantile(maps[c.id][np.asarray(c.body)], 0.95)),
+                      title=f"{c.id}: {best} anomaly map (top 5% of body voxels), lesion outline in green").show()
+
+# %% [markdown]
+# ## Lesion vs normal tissue
+# Score histograms inside the body: the better the method, the further right the
+# lesion voxels sit.
+
+# %%
+c = shown[0]
+histogram_by_class(maps[c.id], c.label > 0, roi=np.asarray(c.body), title=f"{c.id}: -log q, lesion vs normal")
+
+# %% [markdown]
+# ## A first number: voxel AUROC per method on these cases
+# (notebook 06 does the full evaluation, with every metric of the paper.)
+
+# %% papermill_description=quick-auroc
+from screener_nb.metrics import voxel_auroc
+
+rows = {}
+preview = test_cases[:3]  # a preview on a few cases keeps this cell short
+for name in folders:
+    s = Screener.from_run(cfg.run_dir, *name.split("-"), device=cfg.device)
+    scores = [s.score_preprocessed(c.image, c.body, c.spacing) for c in preview]
+    rows[name] = voxel_auroc(scores, [c.label > 0 for c in preview], roi=[np.asarray(c.body) for c in preview])
+pd.Series(rows, name="pooled voxel AUROC (test cases)").round(3)
+
+# %%
+from screener_nb import files
+
+files.mark_done(cfg.run_dir, "density", {"methods": list(folders), "auroc_preview": rows})
+print("density stage done")

@@ -1,0 +1,244 @@
+"""Whole-volume anomaly maps: the :class:`Screener` object users call.
+
+``Screener.from_run("runs/demo", density="flow", condition="learned")``
+rebuilds the frozen pipeline of a run; ``anomaly_map(image)`` takes a path
+(NIfTI / NRRD / DICOM folder) or a :class:`~screener_nb.data.volume.Volume`
+and returns a float32 map on the INPUT's grid (preprocessing inverted),
+higher = more anomalous, outside the body set to the map's minimum.
+
+Memory: MONAI's ``sliding_window_inference`` stitches only what the predictor
+returns, and our predictor returns the one-channel score of each window --
+descriptor, condition, pooling, -log q and trilinear upsampling all happen
+inside the window. Peak memory therefore does not grow with the descriptor
+dimension (compare :func:`naive_anomaly_map`, which stitches the full
+descriptor and condition maps first).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import files
+from .data.volume import Volume
+from .errors import ConfigError, InputError
+from .runtime import autocast, resolve_device
+
+CONDITIONS = ("none", "sincos", "learned")
+DENSITIES = ("gaussian", "flow")
+
+
+def method_name(condition: str, density: str) -> str:
+    return f"{condition}-{density}"
+
+
+def check_method(condition: str, density: str) -> None:
+    if condition not in CONDITIONS:
+        raise ConfigError(f"unknown condition {condition!r}; known: {', '.join(CONDITIONS)}")
+    if density not in DENSITIES:
+        raise ConfigError(f"unknown density {density!r}; known: {', '.join(DENSITIES)}")
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen encoders -> pooled descriptor y and condition c of a crop.
+
+    ``forward(x (B,1,X,Y,Z) in [0,1], origin_mm (B,3)) -> (y (B,D,x,y,z), c (B,C,x,y,z) | None)``
+    where (x, y, z) = (X, Y, Z) / pool_stride. ``origin_mm`` is the crop's
+    first voxel position in the whole preprocessed CT (used by ``sincos``).
+    """
+
+    def __init__(self, descriptor: nn.Module, condition: str, condition_encoder: nn.Module | None,
+                 spacing: tuple[float, float, float], pool_stride=(3, 3, 2), sincos_dim: int = 24):
+        super().__init__()
+        if condition not in CONDITIONS:
+            raise ConfigError(f"unknown condition {condition!r}; known: {', '.join(CONDITIONS)}")
+        if condition == "learned" and condition_encoder is None:
+            raise ConfigError("condition 'learned' needs the condition encoder")
+        self.descriptor, self.condition_kind = descriptor, condition
+        self.condition_encoder = condition_encoder if condition == "learned" else None
+        self.spacing, self.pool_stride, self.sincos_dim = tuple(spacing), tuple(pool_stride), sincos_dim
+
+    @property
+    def cond_dim(self) -> int:
+        if self.condition_kind == "none":
+            return 0
+        if self.condition_kind == "sincos":
+            return self.sincos_dim
+        return int(self.condition_encoder.spec["out_channels"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.descriptor.spec["out_channels"])
+
+    def forward(self, x: torch.Tensor, origin_mm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from .models.density import pool_features
+        from .ssl.task import encode
+
+        y = pool_features(encode(self.descriptor, x).float(), self.pool_stride)
+        if self.condition_kind == "none":
+            return y, None
+        if self.condition_kind == "learned":
+            return y, pool_features(encode(self.condition_encoder, x).float(), self.pool_stride)
+        from .models.encodings import sincos_condition_map
+
+        s = torch.tensor(self.spacing, dtype=torch.float64)
+        stride = torch.tensor(self.pool_stride, dtype=torch.float64)
+        maps = []
+        for o in origin_mm.double().cpu():
+            centre0 = o + (stride - 1) / 2 * s  # centre of the first pooled cell
+            maps.append(sincos_condition_map(centre0, s * stride, tuple(y.shape[2:]), self.sincos_dim))
+        return y, torch.stack(maps).to(y.device, y.dtype)
+
+
+@dataclass
+class AnomalyResult:
+    """A map on the input's grid plus what produced it."""
+
+    map: Volume
+    preprocessed_map: np.ndarray
+    method: str
+
+    def save(self, path: str | Path) -> Path:
+        from .data.io import write_nifti
+
+        return write_nifti(self.map, path)
+
+
+class Screener:
+    """Frozen Screener pipeline (or its distilled student) producing anomaly maps.
+
+    Args:
+        score_window: ``(x (B,1,X,Y,Z), origin_mm (B,3)) -> (B,1,X,Y,Z)`` anomaly scores of windows.
+        patch: window size (X, Y, Z) voxels (the training crop size).
+        preprocess_params: how the input is preprocessed (the run's data stage).
+        method: a name for reports (``learned-flow``, ``student``...).
+    """
+
+    def __init__(self, score_window: Callable, patch, preprocess_params, method: str,
+                 device: str | torch.device = "auto", overlap: float = 0.5, sw_batch: int = 2):
+        self.score_window, self.patch, self.params, self.method = score_window, tuple(patch), preprocess_params, method
+        self.device, self.overlap, self.sw_batch = resolve_device(device), overlap, sw_batch
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_run(cls, run_dir: str | Path, density: str = "flow", condition: str = "learned", *,
+                 student: bool = False, device: str = "auto", overlap: float = 0.5, sw_batch: int = 2) -> "Screener":
+        """Rebuild a run's frozen pipeline; raises a clear error when a stage is missing."""
+        from .data.cohort import read_index
+        from .data.preprocess import PreprocessParams
+
+        run_dir = Path(run_dir)
+        files.require_stage(run_dir, "data")
+        params = PreprocessParams.from_dict(read_index(run_dir)["preprocess"])
+        dev = resolve_device(device)
+        if student:
+            from .distill import load_student
+
+            model, patch = load_student(run_dir, device=dev)
+
+            def score(x, origin):
+                return model(x).float()
+
+            return cls(score, patch, params, "student", dev, overlap, sw_batch)
+        check_method(condition, density)
+        from .density_fit import load_density
+
+        extractor, model, patch = load_density(run_dir, condition, density, device=dev)
+
+        def score(x, origin):
+            from .models.density import upsample_scores
+
+            y, c = extractor(x, origin)
+            nll = -model.log_prob(y, c)                     # (B, x, y, z) nats
+            return upsample_scores(nll, tuple(x.shape[2:]))[:, None]
+
+        return cls(score, patch, params, method_name(condition, density), dev, overlap, sw_batch)
+
+    # ------------------------------------------------------------------ maps
+    @torch.inference_mode()
+    def score_preprocessed(self, image: np.ndarray, body: np.ndarray, spacing, *, progress: bool = False,
+                           source: str = "volume") -> np.ndarray:
+        """Anomaly map (X, Y, Z) float32 of a preprocessed image (in [0, 1]) on its own grid."""
+        from monai.inferers import sliding_window_inference
+
+        image = np.asarray(image, dtype=np.float32)
+        if image.ndim != 3:
+            raise InputError(source, "a 3D preprocessed image", f"shape {image.shape}")
+        if not np.isfinite(image).all():
+            raise InputError(source, "finite intensities", f"{int((~np.isfinite(image)).sum())} NaN/inf voxels")
+        if not np.any(body):
+            raise InputError(source, "a body (voxels above the air threshold)", "none: the volume is all air")
+        small = [i for i in range(3) if image.shape[i] < self.patch[i]]
+        if small:
+            raise InputError(source, f"a volume at least as large as the window {self.patch} voxels (after "
+                             f"preprocessing to {tuple(round(s, 2) for s in spacing)} mm)",
+                             f"shape {image.shape} (too small along {', '.join('XYZ'[i] for i in small)})")
+        spacing_t = torch.tensor(spacing, dtype=torch.float64)
+
+        def predictor(win: torch.Tensor, slices: list) -> torch.Tensor:
+            starts = torch.tensor([[s.start for s in sl[2:]] for sl in slices], dtype=torch.float64)
+            with autocast(self.device):
+                return self.score_window(win, starts * spacing_t).float()
+
+        x = torch.from_numpy(image)[None, None]
+        out = sliding_window_inference(
+            x, self.patch, self.sw_batch, predictor, overlap=self.overlap, mode="gaussian",
+            sw_device=self.device, device=torch.device("cpu"), progress=progress, with_coord=True,
+        )
+        score = out[0, 0].numpy().astype(np.float32)
+        body = np.asarray(body, dtype=bool)
+        score[~body] = score[body].min()
+        return score
+
+    def anomaly_map(self, image: str | Path | Volume, *, progress: bool | None = None) -> AnomalyResult:
+        """Anomaly map of a whole CT on the input's voxel grid (see class docstring)."""
+        from .data.io import read_volume
+        from .data.preprocess import preprocess, to_original_grid
+
+        volume = image if isinstance(image, Volume) else read_volume(image)
+        if not np.isfinite(volume.array).all():
+            raise InputError(volume.source, "finite voxel values", f"{int((~np.isfinite(volume.array)).sum())} NaN/inf voxels")
+        pre = preprocess(volume, self.params)
+        if progress is None:
+            import os
+
+            progress = os.environ.get("SCREENER_HEADLESS", "") in ("", "0")
+        score = self.score_preprocessed(pre.image, pre.body, pre.spacing, progress=progress,
+                                        source=str(volume.source))
+        back = to_original_grid(score, pre.record, fill=float(score.min()), mode="linear")
+        out = volume.with_array(back.astype(np.float32), method=self.method)
+        return AnomalyResult(out, score, self.method)
+
+    def __repr__(self) -> str:
+        return f"Screener(method={self.method!r}, patch={self.patch}, device={self.device})"
+
+
+@torch.inference_mode()
+def naive_anomaly_map(extractor: FeatureExtractor, density: nn.Module, image: np.ndarray, spacing, patch,
+                      overlap: float = 0.5, sw_batch: int = 2) -> np.ndarray:
+    """The straightforward way, for the benchmark: stitch the full-resolution
+    descriptor and condition maps of the whole volume with MONAI, then pool
+    and apply the density. Memory grows with D + C channels of the whole CT."""
+    from monai.inferers import sliding_window_inference
+
+    from .models.density import pool_features, upsample_scores
+    from .ssl.task import encode
+
+    x = torch.from_numpy(np.asarray(image, np.float32))[None, None]
+    feats = [sliding_window_inference(x, tuple(patch), sw_batch, lambda w: encode(extractor.descriptor, w).float(),
+                                      overlap=overlap, mode="gaussian")]
+    if extractor.condition_kind == "learned":
+        feats.append(sliding_window_inference(
+            x, tuple(patch), sw_batch, lambda w: encode(extractor.condition_encoder, w).float(),
+            overlap=overlap, mode="gaussian"))
+    y = pool_features(feats[0], extractor.pool_stride)
+    c = pool_features(feats[1], extractor.pool_stride) if len(feats) > 1 else None
+    if extractor.condition_kind == "sincos":
+        _, c = extractor(torch.zeros(1, 1, *[s * p for s, p in zip(y.shape[2:], extractor.pool_stride)]),
+                         torch.zeros(1, 3))
+    nll = -density.log_prob(y, c)
+    return upsample_scores(nll, tuple(x.shape[2:]))[0].numpy()

@@ -1,0 +1,53 @@
+"""Stage parameters: profile defaults, type checks, unknown names."""
+import pytest
+
+from screener_nb import config
+from screener_nb.errors import ConfigError
+
+
+def test_profile_defaults_fill_none_and_keep_given_values():
+    q = config.resolve("descriptor", {"profile": "quick", "steps": None, "run_dir": "r"})
+    d = config.resolve("descriptor", {"profile": "demo", "steps": None, "run_dir": "r"})
+    f = config.resolve("descriptor", profile="full", run_dir="r")
+    assert q.steps == config.STAGES["descriptor"]["params"]["steps"].default["quick"]
+    assert (q.steps, d.steps, f.steps) == (30, 600, 300_000)
+    assert f.patch == (96, 96, 64) and f.model_size == "paper" and f.expander_width == 8192
+    assert config.resolve("descriptor", profile="demo", steps=7).steps == 7
+
+
+def test_namespace_is_filtered_to_the_stage():
+    ns = {"profile": "quick", "steps": 3, "not_a_param": 1, "cfg": object()}
+    assert config.resolve("density", ns).steps == 3  # other notebook globals are ignored
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"stepz": 3}, "unknown parameter 'stepz'.*did you mean steps"),
+    ({"steps": "many"}, "'steps': expected an integer, found 'many'"),
+    ({"steps": 2.5}, "'steps': expected an integer"),
+    ({"loss": "mse"}, "'loss': expected one of vicreg, infonce"),
+    ({"patch": "48,48"}, "'patch': expected 3 sizes"),
+    ({"steps": 0}, "'steps': expected a positive integer"),
+    ({"mask_ratio": 1.5}, "'mask_ratio': expected a value in"),
+])
+def test_bad_values_are_config_errors(given, message):
+    with pytest.raises(ConfigError, match=message):
+        config.resolve("condition", profile="quick", **given)
+
+
+def test_cli_strings_are_coerced():
+    v = config.validate("condition", {"steps": "12", "patch": "32,32,16", "mask_prob": "0.25"})
+    assert v == {"steps": 12, "patch": (32, 32, 16), "mask_prob": 0.25}
+    assert config.parse_cli_value("[48, 48, 32]") == [48, 48, 32]
+    assert config.validate("explore", {"interactive": "true"}) == {"interactive": True}
+
+
+def test_runner_view_rejects_names_no_stage_knows():
+    assert config.validate(None, {"steps": 5, "dataset": "phantoms"}) == {"steps": 5, "dataset": "phantoms"}
+    with pytest.raises(ConfigError, match="unknown parameter 'datset' for any stage"):
+        config.validate(None, {"datset": "phantoms"})
+
+
+def test_condition_and_density_lists_are_checked():
+    with pytest.raises(ConfigError, match="unknown posenc"):
+        config.resolve("density", profile="quick", conditions="none,posenc")
+    assert config.split_list(" none, learned ,") == ["none", "learned"]
