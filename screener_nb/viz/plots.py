@@ -242,7 +242,8 @@ def build_orthogonal(image, overlay=None, label=None, center=None, spacing=(1.0,
                      window=None, overlay_threshold=None, overlay_range=None,
                      overlay_opacity: float = 0.5, colorscale: str = "gray",
                      overlay_colorscale: str = "Hot", title: str | None = None,
-                     radiological: bool = True, crosshair: bool = True, height: int = 380):
+                     radiological: bool = True, crosshair: bool = True, height: int = 380,
+                     width: int | None = None):
     """:func:`orthogonal_slices` plus the trace index of every layer, for live updates.
 
     Returns ``(fig, traces)`` with ``traces[plane][layer] -> index in fig.data``
@@ -268,8 +269,9 @@ def build_orthogonal(image, overlay=None, label=None, center=None, spacing=(1.0,
         overlay_range = _default_overlay_range(overlay, overlay_threshold)
 
     widths = [_panel_extent(shape, spacing, p)[0] for p in PLANES]
+    heights = [_panel_extent(shape, spacing, p)[1] for p in PLANES]
     fig = make_subplots(rows=1, cols=3, column_widths=[w / sum(widths) for w in widths],
-                        horizontal_spacing=0.04,
+                        horizontal_spacing=0.07,
                         subplot_titles=[panel_title(p, c) for p in PLANES])
     traces: dict = {"crosshair": {}}
     for col, plane in enumerate(PLANES, start=1):
@@ -297,7 +299,12 @@ def build_orthogonal(image, overlay=None, label=None, center=None, spacing=(1.0,
                          constrain="domain", row=1, col=col)
         fig.update_yaxes(range=vr, title_text=f"{AXIS_NAMES[v]} (mm)", showgrid=False, zeroline=False,
                          scaleanchor=f"x{axis_id}", scaleratio=1.0, constrain="domain", row=1, col=col)
-    fig.update_layout(title=title, height=height, margin=dict(l=50, r=20, t=60 if title else 40, b=40),
+    top = 70 if title else 45
+    if width is None:  # wide enough that the tallest panel fills the height (1 mm = 1 mm)
+        plot_h = max(height - top - 50, 100)
+        width = int(np.clip(plot_h * sum(widths) / max(heights) * 1.25 + 60 + (110 if overlay is not None else 20),
+                            500, 1600))
+    fig.update_layout(title=title, height=height, width=width, margin=dict(l=60, r=20, t=top, b=50),
                       plot_bgcolor="black", showlegend=False)
     return fig, traces
 
@@ -319,7 +326,8 @@ def orthogonal_slices(image, overlay=None, label=None, center=None, spacing=(1.0
                       window=None, overlay_threshold: float | None = None, overlay_range=None,
                       overlay_opacity: float = 0.5, colorscale: str = "gray",
                       overlay_colorscale: str = "Hot", title: str | None = None,
-                      radiological: bool = True, crosshair: bool = True, height: int = 380) -> go.Figure:
+                      radiological: bool = True, crosshair: bool = True, height: int = 380,
+                      width: int | None = None) -> go.Figure:
     """Axial, coronal and sagittal slices through ``center`` in one figure.
 
     Args:
@@ -334,6 +342,7 @@ def orthogonal_slices(image, overlay=None, label=None, center=None, spacing=(1.0
         overlay_threshold: overlay values below it are not drawn.
         overlay_range: (low, high) colour range of the overlay; default from its values.
         radiological: radiological display (module docstring); False draws index order.
+        height, width: figure size in pixels; default width fits the panels at true aspect.
 
     Returns:
         a ``go.Figure`` with three panels, axes in mm.
@@ -342,7 +351,7 @@ def orthogonal_slices(image, overlay=None, label=None, center=None, spacing=(1.0
                               overlay_threshold=overlay_threshold, overlay_range=overlay_range,
                               overlay_opacity=overlay_opacity, colorscale=colorscale,
                               overlay_colorscale=overlay_colorscale, title=title,
-                              radiological=radiological, crosshair=crosshair, height=height)
+                              radiological=radiological, crosshair=crosshair, height=height, width=width)
     return fig
 
 
