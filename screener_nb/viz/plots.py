@@ -185,12 +185,25 @@ def overlay_colorscale_cutoff(colorscale) -> float:
     return last
 
 
-def _display_values(slice2d: np.ndarray, rng) -> np.ndarray:
-    """float32 slice with non-finite values replaced (JSON has no NaN/inf)."""
-    a = np.asarray(slice2d, dtype=np.float32)
+#: significant digits (relative to the slice's largest |value|) kept in displayed slices
+DISPLAY_DIGITS = 4
+
+
+def _display_values(slice2d: np.ndarray, rng, digits: int = DISPLAY_DIGITS) -> np.ndarray:
+    """A slice as sent to the browser: finite, rounded to ``digits`` significant digits.
+
+    plotly serialises 2D arrays as JSON lists; float32 values print with ~18
+    characters, rounded float64 ones with ~6, so rounding makes figures and
+    live slice updates about 3x smaller. Non-finite values (JSON has no
+    NaN/inf) become the ends of ``rng``.
+    """
+    a = np.asarray(slice2d, dtype=np.float64)
     if not np.all(np.isfinite(a)):
         lo, hi = rng if rng is not None else (0.0, 1.0)
         a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
+    m = float(np.max(np.abs(a))) if a.size else 0.0
+    if m > 0:
+        a = np.round(a, int(digits - 1 - np.floor(np.log10(m))))
     return a
 
 
@@ -221,7 +234,7 @@ def _panel_traces(image, overlay, label, plane, index, spacing, *, window, color
             hovertemplate="score=%{z:.3g}<extra></extra>", **geo)
     if label is not None:
         traces["label"] = go.Contour(
-            z=(plane_slice(label, plane, index) > 0).astype(np.float32),
+            z=(plane_slice(label, plane, index) > 0).astype(np.uint8),
             contours=dict(start=0.5, end=0.5, size=1.0, coloring="lines"),
             colorscale=[[0, LABEL_COLOR], [1, LABEL_COLOR]], line=dict(width=2),
             showscale=False, hoverinfo="skip", name="label", **geo)
@@ -243,7 +256,7 @@ def build_orthogonal(image, overlay=None, label=None, center=None, spacing=(1.0,
                      overlay_opacity: float = 0.5, colorscale: str = "gray",
                      overlay_colorscale: str = "Hot", title: str | None = None,
                      radiological: bool = True, crosshair: bool = True, height: int = 380,
-                     width: int | None = None):
+                     width: int | None = None, max_width: int = 1000):
     """:func:`orthogonal_slices` plus the trace index of every layer, for live updates.
 
     Returns ``(fig, traces)`` with ``traces[plane][layer] -> index in fig.data``
@@ -300,10 +313,16 @@ def build_orthogonal(image, overlay=None, label=None, center=None, spacing=(1.0,
         fig.update_yaxes(range=vr, title_text=f"{AXIS_NAMES[v]} (mm)", showgrid=False, zeroline=False,
                          scaleanchor=f"x{axis_id}", scaleratio=1.0, constrain="domain", row=1, col=col)
     top = 70 if title else 45
-    if width is None:  # wide enough that the tallest panel fills the height (1 mm = 1 mm)
+    if width is None:
+        # wide enough that the tallest panel fills the height at 1 mm = 1 mm, but no wider
+        # than a notebook's output area (then the height shrinks to keep the panels filled)
+        extra = 80 + (110 if overlay is not None else 20)  # margins, gaps, colorbar
+        ratio = 1.12 * sum(widths) / max(heights)  # plot-area width per pixel of plot height
         plot_h = max(height - top - 50, 100)
-        width = int(np.clip(plot_h * sum(widths) / max(heights) * 1.25 + 60 + (110 if overlay is not None else 20),
-                            500, 1600))
+        width = int(plot_h * ratio + extra)
+        if width > max_width:
+            width = max_width
+            height = int((width - extra) / ratio + top + 50)
     fig.update_layout(title=title, height=height, width=width, margin=dict(l=60, r=20, t=top, b=50),
                       plot_bgcolor="black", showlegend=False)
     return fig, traces

@@ -135,25 +135,29 @@ def top_regions(anomaly_map, k: int = 5, threshold: float | None = None, roi=Non
     labels, n = ndimage.label(fg, structure=structure)
     if n == 0:
         return []
-    idx = np.arange(1, n + 1)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    maxima = ndimage.maximum(m, labels, idx)
+    # per-region statistics over the foreground voxels only (ndimage.maximum would
+    # scan the whole volume, background included: seconds on a CT)
+    flat_idx = np.flatnonzero(fg)
+    lab = labels.reshape(-1)[flat_idx]
+    vals = m.reshape(-1)[flat_idx].astype(np.float64)
+    sizes = np.bincount(lab, minlength=n + 1)[1:]
+    sums = np.bincount(lab, weights=vals, minlength=n + 1)[1:]
+    maxima = np.full(n + 1, -np.inf)
+    np.maximum.at(maxima, lab, vals)
+    maxima = maxima[1:]
     order = np.lexsort((-sizes, -maxima))[:k]  # primary: max desc, then size desc
-    objects = ndimage.find_objects(labels)
     voxel_ml = float(np.prod(spacing)) / 1000.0 if spacing is not None else None
     out = []
     for rank, i in enumerate(order, start=1):
-        lab = int(idx[i])
-        sl = objects[lab - 1]
-        sub = labels[sl] == lab
-        coords = np.argwhere(sub) + np.array([s.start for s in sl])
-        vals = m[sl][sub]
+        sel = lab == i + 1
+        coords = np.stack(np.unravel_index(flat_idx[sel], m.shape), axis=1)
+        v = vals[sel]
         centroid = coords.mean(axis=0)
         center = coords[np.argmin(((coords - centroid) ** 2).sum(axis=1))]
-        peak = coords[int(np.argmax(vals))]
+        peak = coords[int(np.argmax(v))]
         r = dict(rank=rank, center=tuple(int(c) for c in center), centroid=tuple(float(c) for c in centroid),
-                 peak=tuple(int(c) for c in peak), size=int(coords.shape[0]), max=float(vals.max()),
-                 mean=float(vals.mean()))
+                 peak=tuple(int(c) for c in peak), size=int(sizes[i]), max=float(maxima[i]),
+                 mean=float(sums[i] / sizes[i]))
         if voxel_ml is not None:
             r["volume_ml"] = r["size"] * voxel_ml
         out.append(r)
@@ -533,9 +537,12 @@ class OfflineViewer(_ThresholdModel):
         self._axis_ranges = {p: plots._axis_ranges(image.shape, spacing, p, radiological) for p in plots.PLANES}
         self.figure = go.FigureWidget(fig)
         self.sliders = {}
+        # live updates while dragging only when a slice is small enough to travel quickly
+        live = max(a * b for a, b in ((image.shape[0], image.shape[1]), (image.shape[0], image.shape[2]),
+                                      (image.shape[1], image.shape[2]))) <= 256 * 256
         for ax, n in zip("xyz", image.shape):
             s = w.IntSlider(value=c["xyz".index(ax)], min=0, max=n - 1, description=f"{ax} slice",
-                            continuous_update=True, layout=w.Layout(width="320px"),
+                            continuous_update=live, layout=w.Layout(width="320px"),
                             style={"description_width": "60px"})
             s.add_class(f"screener-slice-{ax}")
             s.observe(functools.partial(self._on_slice, ax), names="value")
@@ -574,12 +581,12 @@ class OfflineViewer(_ThresholdModel):
         k = self.state["center"][fixed]
         t = self.traces[plane]
         d = self.figure.data
-        d[t["image"]].z = plots.plane_slice(self.image, plane, k).astype(np.float32)
+        d[t["image"]].z = plots._display_values(plots.plane_slice(self.image, plane, k), self.window)
         if "overlay" in t:
             d[t["overlay"]].z = plots._display_values(plots.plane_slice(self.anomaly_map, plane, k),
                                                       self._overlay_range())
         if "label" in t:
-            d[t["label"]].z = (plots.plane_slice(self.label, plane, k) > 0).astype(np.float32)
+            d[t["label"]].z = (plots.plane_slice(self.label, plane, k) > 0).astype(np.uint8)
         self.figure.layout.annotations[plots.PLANES.index(plane)].text = plots.panel_title(plane, self.state["center"])
 
     def _draw_crosshairs(self) -> None:

@@ -10,7 +10,9 @@
 * ``browser_notebook``: the py:percent notebook to open; default the small fixture
   next to this file, overridden by the environment variable
   ``SCREENER_BROWSER_NOTEBOOK`` (e.g. ``notebooks/07_explore.py``) or by a
-  fixture of the same name in a closer conftest.
+  fixture of the same name in a closer conftest; ``browser_notebook_parameters``
+  (env ``SCREENER_BROWSER_PARAMS``, JSON) are injected after its ``parameters``
+  cell as papermill would.
 """
 from __future__ import annotations
 
@@ -136,6 +138,20 @@ def browser_notebook() -> Path:
     if not path.exists():
         raise FileNotFoundError(f"SCREENER_BROWSER_NOTEBOOK: no such notebook {path}")
     return path
+
+
+@pytest.fixture
+def browser_notebook_parameters() -> dict:
+    """Values injected after the notebook's ``parameters`` cell (papermill's way), e.g.
+    ``SCREENER_BROWSER_PARAMS='{"profile": "quick", "run_dir": "/tmp/run"}'``."""
+    raw = os.environ.get("SCREENER_BROWSER_PARAMS", "")
+    try:
+        params = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"SCREENER_BROWSER_PARAMS: expected a JSON object, found {raw!r} ({e})") from e
+    if not isinstance(params, dict):
+        raise ValueError(f"SCREENER_BROWSER_PARAMS: expected a JSON object, found {raw!r}")
+    return params
 
 
 @pytest.fixture

@@ -21,10 +21,19 @@ RUN_ALL_MS = 180_000  # the whole notebook (the quick profile of notebook 07 inc
 ROUND_TRIP_MS = 60_000
 
 
-def _to_ipynb(src, dest_dir):
+def _to_ipynb(src, dest_dir, parameters=None):
+    """py:percent -> .ipynb in the server's root, with a kernelspec and injected parameters."""
     nb = jupytext.read(src)
     nb.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3 (ipykernel)",
                                           "language": "python"})
+    if parameters:  # like papermill: a tagged cell right after the "parameters" cell
+        import nbformat
+
+        tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
+        code = "# Parameters injected by the browser test\n" + "".join(
+            f"{k} = {v!r}\n" for k, v in parameters.items())
+        cell = nbformat.v4.new_code_cell(code, metadata={"tags": ["injected-parameters"]})
+        nb.cells.insert(tagged[0] + 1 if tagged else 0, cell)
     dest = dest_dir / f"{src.stem}.ipynb"
     jupytext.write(nb, dest, fmt="ipynb")
     return dest
@@ -40,9 +49,10 @@ def _dismiss_popups(page):
         news.first.click()
 
 
-def test_offline_viewer_in_jupyterlab(lab_server, browser_page, browser_notebook, artifacts_dir):
+def test_offline_viewer_in_jupyterlab(lab_server, browser_page, browser_notebook, browser_notebook_parameters,
+                                      artifacts_dir):
     try:
-        _drive_viewer(lab_server, browser_page, browser_notebook, artifacts_dir)
+        _drive_viewer(lab_server, browser_page, browser_notebook, browser_notebook_parameters, artifacts_dir)
     except BaseException:
         browser_page.screenshot(path=str(artifacts_dir / "viewer_failure.png"))
         print("console:", *browser_page.console_messages[-30:], sep="\n  ")
@@ -60,12 +70,12 @@ def _run_all(page, idle):
     page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
 
 
-def _drive_viewer(lab_server, browser_page, browser_notebook, artifacts_dir):
+def _drive_viewer(lab_server, browser_page, browser_notebook, parameters, artifacts_dir):
     from playwright.sync_api import expect
 
     t0 = time.perf_counter()
     base, root = lab_server
-    nb_path = _to_ipynb(browser_notebook, root)
+    nb_path = _to_ipynb(browser_notebook, root, parameters)
     page = browser_page
     page.goto(f"{base}/lab/workspaces/{uuid.uuid4().hex[:8]}/tree/{nb_path.name}?reset")
 

@@ -19,6 +19,13 @@ from screener_nb.errors import ConfigError, InputError
 from screener_nb.viz import plots, viewer
 
 
+def assert_shown(shown, expected):
+    """Displayed slices keep 4 significant digits relative to the slice's largest |value|."""
+    shown, expected = np.asarray(shown, float), np.asarray(expected, float)
+    assert shown.shape == expected.shape
+    np.testing.assert_allclose(shown, expected, rtol=0, atol=5e-4 * np.abs(expected).max() + 1e-12)
+
+
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture
 def tiny():
@@ -92,22 +99,22 @@ def test_offline_viewer_slice_sliders_show_numpy_slices(phantom):
     v.y_slider.value = 6
     v.x_slider.value = 7
     # what plotly draws: rows = screen vertical; axial = image[:, :, k] transposed (Y rows, X columns)
-    np.testing.assert_array_equal(v.displayed_slice("axial"), image[:, :, 4].T)
-    np.testing.assert_array_equal(v.displayed_slice("coronal"), image[:, 6, :].T)
-    np.testing.assert_array_equal(v.displayed_slice("sagittal"), image[7, :, :].T)
-    np.testing.assert_array_equal(v.displayed_slice("axial", "label"), (label[:, :, 4] > 0).T.astype(np.float32))
-    np.testing.assert_array_equal(v.displayed_slice("axial", "overlay"), amap[:, :, 4].T)
+    assert_shown(v.displayed_slice("axial"), image[:, :, 4].T)
+    assert_shown(v.displayed_slice("coronal"), image[:, 6, :].T)
+    assert_shown(v.displayed_slice("sagittal"), image[7, :, :].T)
+    np.testing.assert_array_equal(v.displayed_slice("axial", "label"), (label[:, :, 4] > 0).T)
+    assert_shown(v.displayed_slice("axial", "overlay"), amap[:, :, 4].T)
     # scores below the threshold are transparent (the colorscale's transparent part ends there)
     assert v.overlay_cutoff("axial") == pytest.approx(0.7, abs=1e-6)
     v.set_threshold(0.9)
     for plane in plots.PLANES:
         assert v.overlay_cutoff(plane) == pytest.approx(0.9, abs=1e-6)
-    np.testing.assert_array_equal(v.displayed_slice("axial", "overlay"), amap[:, :, 4].T)
+    assert_shown(v.displayed_slice("axial", "overlay"), amap[:, :, 4].T)
     assert "axial z=4" in v.figure.layout.annotations[0].text
     # goto moves every slider (clamped to the volume)
     v.goto((100, 2, 3))
     assert (v.x_slider.value, v.y_slider.value, v.z_slider.value) == (19, 2, 3)
-    np.testing.assert_array_equal(v.displayed_slice("sagittal"), image[19].T)
+    assert_shown(v.displayed_slice("sagittal"), image[19].T)
 
 
 def test_offline_viewer_method_switch_and_regions(phantom):
@@ -116,7 +123,7 @@ def test_offline_viewer_method_switch_and_regions(phantom):
     assert v.method_dropdown.options == ("anomaly map", "doubled")
     frac_before = np.mean(amap >= 0.7)
     v.method_dropdown.value = "doubled"
-    np.testing.assert_array_equal(v.displayed_slice("axial", "overlay"), 2 * amap[:, :, 6].T)
+    assert_shown(v.displayed_slice("axial", "overlay"), 2 * amap[:, :, 6].T)
     # same fraction of flagged voxels on the new map (its threshold is about doubled)
     assert v.state["method"] == "doubled"
     assert abs(np.mean(2 * amap >= v.state["threshold"]) - frac_before) < 0.01
@@ -135,6 +142,11 @@ def test_case_object_duck_typing(phantom):
     v = viewer.explore(case, backend="offline")
     assert v.spacing == (2.0, 1.0, 3.0) and v.title == "case-7" and v.roi is not None
     assert v.state["n_label"] == int(label.sum())
+    from screener_nb.data.volume import Volume
+
+    vol = Volume.from_spacing(image, (0.7, 0.7, 2.5))
+    v = viewer.explore(vol, vol.with_array(amap), backend="offline")
+    assert v.spacing == pytest.approx((0.7, 0.7, 2.5)) and v.image is vol.array
 
 
 # ----------------------------------------------------------------------------- backend choice
@@ -361,9 +373,9 @@ def test_orthogonal_slices_geometry(phantom):
                                   overlay_range=(0.0, 1.2))
     hm = [t for t in fig.data if isinstance(t, go.Heatmap) and t.name == "image"]
     assert len(hm) == 3
-    np.testing.assert_array_equal(hm[0].z, image[:, :, 5].T)  # axial
-    np.testing.assert_array_equal(hm[1].z, image[:, 4, :].T)  # coronal
-    np.testing.assert_array_equal(hm[2].z, image[3, :, :].T)  # sagittal
+    assert_shown(hm[0].z, image[:, :, 5].T)  # axial
+    assert_shown(hm[1].z, image[:, 4, :].T)  # coronal
+    assert_shown(hm[2].z, image[3, :, :].T)  # sagittal
     assert (hm[0].dx, hm[0].dy, hm[1].dy, hm[2].dx) == (1.5, 1.0, 2.5, 1.0)
     # radiological: horizontal axes reversed; 1 mm = 1 mm (y anchored to x of the same panel)
     lay = fig.layout
@@ -371,7 +383,7 @@ def test_orthogonal_slices_geometry(phantom):
     assert lay.xaxis.range == (19.5 * 1.5, -0.5 * 1.5)
     assert (lay.yaxis.scaleanchor, lay.yaxis2.scaleanchor, lay.yaxis3.scaleanchor) == ("x", "x2", "x3")
     ov = [t for t in fig.data if t.name == "anomaly"]
-    np.testing.assert_array_equal(ov[0].z, amap[:, :, 5].T)
+    assert_shown(ov[0].z, amap[:, :, 5].T)
     lo, hi = ov[0].zmin, ov[0].zmax
     cut = (0.6 - lo) / (hi - lo)  # colour stops below the threshold's position are transparent
     assert (lo, hi, cut) == (0.0, 1.2, 0.5)
@@ -389,8 +401,8 @@ def test_slices_grid_and_curves(phantom):
     fig = plots.slices_grid([image, rgb, image[:, :, 2]], ["ct", "pca", "2d"], index=2,
                             overlays=[amap, None, None], labels=[label, None, None])
     heat = [t for t in fig.data if isinstance(t, go.Heatmap) and t.name == "image"]
-    np.testing.assert_array_equal(heat[0].z, image[:, :, 2].T)
-    np.testing.assert_array_equal(heat[1].z, image[:, :, 2].T)
+    assert_shown(heat[0].z, image[:, :, 2].T)
+    assert_shown(heat[1].z, image[:, :, 2].T)
     assert sum(isinstance(t, go.Image) for t in fig.data) == 1
 
     import xarray as xr
