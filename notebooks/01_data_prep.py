@@ -30,7 +30,7 @@
 
 # %% tags=["parameters"]
 profile = "quick"  # quick | demo | full
-run_dir = "runs/quick"  # run directory shared by all stages
+run_dir = None  # run directory shared by all stages (None: $SCREENER_RUN_DIR, else runs/<profile>)
 device = "auto"  # auto | cpu | cuda (unused here)
 seed = 0  # random seed: phantoms are a pure function of it
 dataset = None  # phantoms | samples | phantoms+samples | a manifest name (None = profile default)

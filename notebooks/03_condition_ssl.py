@@ -26,7 +26,7 @@
 
 # %% tags=["parameters"]
 profile = "quick"  # quick | demo | full
-run_dir = "runs/quick"  # run directory shared by all stages
+run_dir = None  # run directory shared by all stages (None: $SCREENER_RUN_DIR, else runs/<profile>)
 device = "auto"  # auto | cpu | cuda
 seed = 0  # random seed
 steps = None  # optimiser steps (None = profile default)

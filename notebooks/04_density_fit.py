@@ -26,7 +26,7 @@
 
 # %% tags=["parameters"]
 profile = "quick"  # quick | demo | full
-run_dir = "runs/quick"  # run directory shared by all stages
+run_dir = None  # run directory shared by all stages (None: $SCREENER_RUN_DIR, else runs/<profile>)
 device = "auto"  # auto | cpu | cuda
 seed = 0  # random seed
 conditions = None  # comma-separated: none, sincos, learned (None = all three)
@@ -92,7 +92,8 @@ from screener_nb.viz.plots import histogram_by_class, orthogonal_slices
 test_cases = [c for c in load_cohort(cfg.run_dir, role="test") if c.label is not None and c.label.any()]
 shown = [c for c in test_cases if c.dataset == "phantoms"][:1] + [c for c in test_cases if "lidc" in c.id][:1]
 best = "learned-flow" if "learned-flow" in folders else next(iter(folders))
-screener = Screener.from_run(cfg.run_dir, *best.split("-"), device=cfg.device)
+condition, density = best.split("-")
+screener = Screener.from_run(cfg.run_dir, density=density, condition=condition, device=cfg.device)
 maps = {c.id: screener.score_preprocessed(c.image, c.body, c.spacing) for c in shown}
 for c in shown:
     centre = tuple(int(v) for v in np.argwhere(c.label > 0).mean(0))
@@ -119,7 +120,8 @@ from screener_nb.metrics import voxel_auroc
 rows = {}
 preview = test_cases[:3]  # a preview on a few cases keeps this cell short
 for name in folders:
-    s = Screener.from_run(cfg.run_dir, *name.split("-"), device=cfg.device)
+    condition, density = name.split("-")
+    s = Screener.from_run(cfg.run_dir, density=density, condition=condition, device=cfg.device)
     scores = [s.score_preprocessed(c.image, c.body, c.spacing) for c in preview]
     rows[name] = voxel_auroc(scores, [c.label > 0 for c in preview], roi=[np.asarray(c.body) for c in preview])
 pd.Series(rows, name="pooled voxel AUROC (test cases)").round(3)

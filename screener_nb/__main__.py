@@ -90,7 +90,7 @@ def _cmd_params(args) -> int:
 def _cmd_envcheck(args) -> int:
     from .envcheck import main
 
-    return main(args.rest) or 0
+    return main(["--root", args.root] if args.root else []) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_params)
 
     p = sub.add_parser("envcheck", help="pyproject vs environment.yml vs binder/environment.yml")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.add_argument("--root", help="repository root holding pyproject.toml (default: this package's)")
     p.set_defaults(func=_cmd_envcheck)
     return ap
 

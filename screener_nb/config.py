@@ -15,13 +15,19 @@ Unknown names, wrong types and impossible values are :class:`ConfigError`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping
 
 from .errors import ConfigError
 
 PROFILES = ("quick", "demo", "full")
+
+#: the paper's cohort (METHOD.md): trained on NLST + AMOS + AbdomenAtlas, tested on
+#: LIDC-IDRI, MIDRC-RICORD-1a, KiTS21 and LiTS; read through data_manifests/ from $SCREENER_DATA_DIR
+PAPER_DATASETS = "nlst+amos+abdomenatlas+lidc_idri+midrc_ricord_1a+kits21+lits"
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ def _prof(quick, demo, full) -> dict:
 
 COMMON = {
     "profile": _p(str, "quick", "size of everything: quick | demo | full", PROFILES),
-    "run_dir": _p(str, "runs/quick", "run directory shared by all stages"),
+    "run_dir": _p(str, None, "run directory shared by all stages (None: $SCREENER_RUN_DIR, else runs/<profile>)"),
     "device": _p(str, "auto", "auto | cpu | cuda | cuda:N"),
     "seed": _p(int, 0, "random seed (CPU runs are deterministic given it)"),
 }
@@ -85,7 +91,8 @@ STAGES: dict[str, dict] = {
     "data": {
         "notebook": "01_data_prep",
         "params": {
-            "dataset": _p(str, "phantoms", "cohort: phantoms | samples | phantoms+samples | a manifest name"),
+            "dataset": _p(str, _prof("phantoms", "phantoms+samples", PAPER_DATASETS),
+                          "cohort: phantoms | samples | manifest names, joined with '+'"),
             "n_train": _p(int, _prof(4, 16, 0), "phantom training cases (healthy)"),
             "n_test": _p(int, _prof(3, 8, 0), "phantom evaluation cases (with lesions)"),
             "n_val": _p(int, _prof(1, 2, 0), "phantom validation cases (with lesions; thresholds are chosen on them)"),
@@ -128,14 +135,15 @@ STAGES: dict[str, dict] = {
         "notebook": "05_distill",
         "params": {
             **_TRAIN,
-            "steps": _p(int, _prof(40, 300, 100_000), "student distillation steps"),
+            "steps": _p(int, _prof(150, 300, 100_000), "student distillation steps"),
             "batch": _p(int, _prof(2, 4, 8), "crops per step"),
             "warmup": _p(int, _prof(5, 30, 2000), "linear warm-up steps"),
             "teacher": _p(str, "learned-flow", "teacher method (<condition>-<density>)"),
             "student_size": _p(str, _prof("tiny", "tiny", "paper"), "student UNet size", ("tiny", "small", "paper")),
             "patch": _p(tuple, _prof((48, 48, 32), (48, 48, 32), (96, 96, 64)), "crop size (X, Y, Z) voxels"),
             "finetune_k": _p(int, _prof(2, 4, 25), "labelled cases per fine-tuning fold"),
-            "finetune_steps": _p(int, _prof(20, 150, 5000), "fine-tuning steps per fold and init"),
+            "finetune_steps": _p(int, _prof(10, 150, 5000), "fine-tuning steps per fold and init"),
+            "overlap": _p(float, 0.5, "sliding-window overlap of the teacher's whole-volume maps"),
             "folds": _p(int, _prof(2, 3, 3), "cross-validation folds"),
         },
     },
@@ -151,7 +159,7 @@ STAGES: dict[str, dict] = {
     "explore": {
         "notebook": "07_explore",
         "params": {
-            "interactive": _p(bool, False, "show the 3D viewer (never in a headless run)"),
+            "interactive": _p(bool, None, "show the interactive viewer (None: detect; never in a headless run)"),
             "case": _p(str, "", "case id to open ('' = the first evaluation case)"),
             "method": _p(str, "", "method whose map to show ('' = the best one)"),
             "backend": _p(str, "auto", "viewer backend", ("auto", "itk", "offline")),
@@ -264,9 +272,23 @@ def resolve(stage: str, namespace: Mapping[str, Any] | None = None, **given: Any
     for name, param in params.items():
         v = values.get(name)
         out[name] = v if v is not None else param.default_for(profile)
+    if out["run_dir"] is None:
+        out["run_dir"] = str(default_run_dir(profile))
     out["stage"] = stage
     _check_values(out)
     return SimpleNamespace(**out)
+
+
+def default_run_dir(profile: str) -> Path:
+    """Where a notebook opened by hand reads and writes: ``$SCREENER_RUN_DIR`` (Binder sets it),
+    else ``runs/<profile>`` at the repository root (a notebook's working directory is
+    ``notebooks/``, so a relative default would land inside it), else in the working directory."""
+    env = os.environ.get("SCREENER_RUN_DIR")
+    if env:
+        return Path(env).expanduser()
+    repo = Path(__file__).resolve().parents[1]
+    base = repo if (repo / "notebooks").is_dir() else Path.cwd()
+    return base / "runs" / profile
 
 
 def _check_values(cfg: dict) -> None:

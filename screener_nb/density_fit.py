@@ -61,7 +61,7 @@ class DensityTask:
             if c is not None:
                 c = c + self.noise_std * torch.randn_like(c)
         nll = -model(y.float(), None if c is None else c.float()).mean()
-        return nll, {"nll_per_dim": float(nll) / y.shape[1]}
+        return nll, {"nll_per_dim": nll.item() / y.shape[1]}
 
 
 class _LogProb(nn.Module):

@@ -83,15 +83,18 @@ class FeatureExtractor(nn.Module):
             return y, None
         if self.condition_kind == "learned":
             return y, pool_features(encode(self.condition_encoder, x).float(), self.pool_stride)
+        return y, self.sincos(origin_mm, tuple(y.shape[2:])).to(y.device, y.dtype)
+
+    def sincos(self, origin_mm: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, sincos_dim, *grid) position codes of the pooled cells of crops starting at ``origin_mm`` (B, 3)."""
         from .models.encodings import sincos_condition_map
 
         s = torch.tensor(self.spacing, dtype=torch.float64)
         stride = torch.tensor(self.pool_stride, dtype=torch.float64)
-        maps = []
-        for o in origin_mm.double().cpu():
-            centre0 = o + (stride - 1) / 2 * s  # centre of the first pooled cell
-            maps.append(sincos_condition_map(centre0, s * stride, tuple(y.shape[2:]), self.sincos_dim))
-        return y, torch.stack(maps).to(y.device, y.dtype)
+        # a pooled cell's position is the centre of the voxels it averages
+        maps = [sincos_condition_map(o + (stride - 1) / 2 * s, s * stride, grid, self.sincos_dim)
+                for o in origin_mm.double().cpu()]
+        return torch.stack(maps)
 
 
 @dataclass
@@ -122,6 +125,9 @@ class Screener:
                  device: str | torch.device = "auto", overlap: float = 0.5, sw_batch: int = 2):
         self.score_window, self.patch, self.params, self.method = score_window, tuple(patch), preprocess_params, method
         self.device, self.overlap, self.sw_batch = resolve_device(device), overlap, sw_batch
+        # the frozen parts when built by from_parts (None for a student): for benchmarks and figures
+        self.extractor: FeatureExtractor | None = None
+        self.density: nn.Module | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -132,6 +138,8 @@ class Screener:
         from .data.preprocess import PreprocessParams
 
         run_dir = Path(run_dir)
+        if not student:
+            check_method(condition, density)  # a misspelt name is reported before any file is read
         files.require_stage(run_dir, "data")
         params = PreprocessParams.from_dict(read_index(run_dir)["preprocess"])
         dev = resolve_device(device)
@@ -144,19 +152,34 @@ class Screener:
                 return model(x).float()
 
             return cls(score, patch, params, "student", dev, overlap, sw_batch)
-        check_method(condition, density)
         from .density_fit import load_density
 
         extractor, model, patch = load_density(run_dir, condition, density, device=dev)
+        return cls.from_parts(extractor, model, patch, params, method_name(condition, density),
+                              device=dev, overlap=overlap, sw_batch=sw_batch)
+
+    @classmethod
+    def from_parts(cls, extractor: "FeatureExtractor", density: nn.Module, patch, preprocess_params,
+                   method: str = "custom", **kwargs) -> "Screener":
+        """A pipeline from its frozen parts (what ``from_run`` rebuilds from a run directory).
+
+        The window score is: descriptor and condition of the window, average
+        pooling, -log q(y | c) on the pooled grid, trilinear upsampling back to
+        the window: (B, 1, X, Y, Z) nats.
+        """
+        from .models.density import upsample_scores
+
+        dev = resolve_device(kwargs.pop("device", "auto"))
+        extractor, density = extractor.to(dev).eval(), density.to(dev).eval()
 
         def score(x, origin):
-            from .models.density import upsample_scores
-
             y, c = extractor(x, origin)
-            nll = -model.log_prob(y, c)                     # (B, x, y, z) nats
+            nll = -density.log_prob(y, c)                   # (B, x, y, z) nats
             return upsample_scores(nll, tuple(x.shape[2:]))[:, None]
 
-        return cls(score, patch, params, method_name(condition, density), dev, overlap, sw_batch)
+        screener = cls(score, patch, preprocess_params, method, device=dev, **kwargs)
+        screener.extractor, screener.density = extractor, density
+        return screener
 
     # ------------------------------------------------------------------ maps
     @torch.inference_mode()
@@ -166,6 +189,8 @@ class Screener:
         from monai.inferers import sliding_window_inference
 
         image = np.asarray(image, dtype=np.float32)
+        if not image.flags.writeable:  # a memory-mapped case: torch wants its own buffer
+            image = image.copy()
         if image.ndim != 3:
             raise InputError(source, "a 3D preprocessed image", f"shape {image.shape}")
         if not np.isfinite(image).all():
@@ -238,7 +263,6 @@ def naive_anomaly_map(extractor: FeatureExtractor, density: nn.Module, image: np
     y = pool_features(feats[0], extractor.pool_stride)
     c = pool_features(feats[1], extractor.pool_stride) if len(feats) > 1 else None
     if extractor.condition_kind == "sincos":
-        _, c = extractor(torch.zeros(1, 1, *[s * p for s, p in zip(y.shape[2:], extractor.pool_stride)]),
-                         torch.zeros(1, 3))
+        c = extractor.sincos(torch.zeros(1, 3), tuple(y.shape[2:]))
     nll = -density.log_prob(y, c)
     return upsample_scores(nll, tuple(x.shape[2:]))[0].numpy()

@@ -228,6 +228,10 @@ def network_available(force: bool | None = None, *, timeout: float = 1.5,
     return _probe_hosts(tuple(hosts or viewer_hosts()), float(timeout))
 
 
+def _headless_env() -> bool:
+    return os.environ.get("SCREENER_HEADLESS", "").strip().lower() not in ("", *_FALSE)
+
+
 def detect_interactive() -> tuple[bool, str]:
     """Is a person looking at this kernel? Returns ``(answer, reason)``.
 
@@ -237,7 +241,7 @@ def detect_interactive() -> tuple[bool, str]:
     ``JPY_SESSION_NAME`` variable that jupyter_server sets for the notebook it
     serves). Notebooks should still pass their ``interactive`` parameter.
     """
-    if os.environ.get("SCREENER_HEADLESS", "").strip().lower() not in ("", *_FALSE):
+    if _headless_env():
         return False, "SCREENER_HEADLESS is set"
     try:
         from IPython import get_ipython
@@ -263,8 +267,8 @@ def choose_backend(backend: str = "auto", *, interactive: bool | None = None,
         raise ConfigError(f"explore(backend): expected one of {BACKENDS}, found {backend!r}")
     if backend == "offline":
         return "offline", "offline backend requested"
-    if interactive is None:
-        inter, why = detect_interactive()
+    if interactive is None or _headless_env():
+        inter, why = detect_interactive()  # SCREENER_HEADLESS wins even over interactive=True: never block
     else:
         inter, why = bool(interactive), f"interactive={bool(interactive)}"
     if not inter:
@@ -292,7 +296,8 @@ def set_run_loader(loader: Callable[..., Any] | None) -> None:
 
     ``loader(path, case)`` must return an object with ``.image`` and optionally
     ``.anomaly_map`` / ``.anomaly_maps`` (dict name -> map) / ``.label`` /
-    ``.spacing`` / ``.body``. The results/eval module registers it.
+    ``.spacing`` / ``.body``. Without one, :func:`screener_nb.results.load_case_maps`
+    (the maps stored by the evaluation stage) is used.
     """
     global _RUN_LOADER
     _RUN_LOADER = loader
@@ -306,10 +311,10 @@ def _normalize_inputs(case_or_run, anomaly_map, label, spacing, methods, roi, ca
     """-> (image, maps dict, label|None, spacing, roi|None, title hint)."""
     hint = None
     if isinstance(case_or_run, (str, Path)):
-        if _RUN_LOADER is None:
-            raise InputError(case_or_run, "an array or a case object (no run loader is registered; "
-                             "see screener_nb.viz.viewer.set_run_loader)", "a path")
-        case_or_run = _RUN_LOADER(Path(case_or_run), case)
+        loader = _RUN_LOADER
+        if loader is None:  # default: the maps the evaluation stage (notebook 06) stored in the run
+            from ..results import load_case_maps as loader
+        case_or_run = loader(Path(case_or_run), case)
     if case_or_run is None:
         raise InputError("explore(image)", "an (X, Y, Z) array, a Volume or a case object", "None")
     if hasattr(case_or_run, "image"):  # duck-typed case (PreprocessedCase, phantom case, ...)

@@ -7,12 +7,11 @@
   the flags measured in shared/TOOLING.md; never ``playwright install``.
   Skipped, with the reason, when /usr/bin/chromium is missing
   (``apt-get install -y chromium``).
-* ``browser_notebook``: the py:percent notebook to open; default the small fixture
-  next to this file, overridden by the environment variable
-  ``SCREENER_BROWSER_NOTEBOOK`` (e.g. ``notebooks/07_explore.py``) or by a
-  fixture of the same name in a closer conftest; ``browser_notebook_parameters``
-  (env ``SCREENER_BROWSER_PARAMS``, JSON) are injected after its ``parameters``
-  cell as papermill would.
+* ``browser_notebook``: the py:percent notebooks to open: the small fixture next
+  to this file, and the real notebook 07 on the real quick run (``quick_run``,
+  tests/conftest.py); ``SCREENER_BROWSER_NOTEBOOK`` overrides them;
+  ``browser_notebook_parameters`` (plus env ``SCREENER_BROWSER_PARAMS``, JSON)
+  are injected after its ``parameters`` cell as papermill would.
 """
 from __future__ import annotations
 
@@ -128,11 +127,22 @@ def browser_page(browser):
     context.close()
 
 
-@pytest.fixture
-def browser_notebook() -> Path:
-    """The py:percent notebook the viewer browser test opens."""
+@pytest.fixture(params=["fixture", "07_explore"])
+def browser_notebook(request) -> Path:
+    """The py:percent notebook the viewer browser test opens.
+
+    ``fixture``: the small synthetic notebook next to this file (no run needed).
+    ``07_explore``: the real notebook 07 on the real quick-profile run (the
+    ``quick_run`` fixture: the whole chain executed headless by the runner).
+    ``SCREENER_BROWSER_NOTEBOOK`` overrides both with one notebook.
+    """
     override = os.environ.get("SCREENER_BROWSER_NOTEBOOK")
-    path = Path(override) if override else Path(__file__).resolve().parent / "viewer_fixture.py"
+    if override:
+        path = Path(override)
+    elif request.param == "fixture":
+        path = Path(__file__).resolve().parent / "viewer_fixture.py"
+    else:
+        path = REPO / "notebooks" / f"{request.param}.py"
     if not path.is_absolute():
         path = REPO / path
     if not path.exists():
@@ -141,17 +151,23 @@ def browser_notebook() -> Path:
 
 
 @pytest.fixture
-def browser_notebook_parameters() -> dict:
-    """Values injected after the notebook's ``parameters`` cell (papermill's way), e.g.
-    ``SCREENER_BROWSER_PARAMS='{"profile": "quick", "run_dir": "/tmp/run"}'``."""
+def browser_notebook_parameters(request, browser_notebook) -> dict:
+    """Values injected after the notebook's ``parameters`` cell (papermill's way).
+
+    Notebook 07 gets the quick run and ``interactive=True`` (a person is watching);
+    ``SCREENER_BROWSER_PARAMS`` (JSON) adds or overrides values, e.g.
+    ``'{"profile": "quick", "run_dir": "/tmp/run"}'``."""
+    params: dict = {}
+    if browser_notebook.stem == "07_explore":
+        params = {"profile": "quick", "run_dir": str(request.getfixturevalue("quick_run")), "interactive": True}
     raw = os.environ.get("SCREENER_BROWSER_PARAMS", "")
     try:
-        params = json.loads(raw) if raw else {}
+        extra = json.loads(raw) if raw else {}
     except json.JSONDecodeError as e:
         raise ValueError(f"SCREENER_BROWSER_PARAMS: expected a JSON object, found {raw!r} ({e})") from e
-    if not isinstance(params, dict):
+    if not isinstance(extra, dict):
         raise ValueError(f"SCREENER_BROWSER_PARAMS: expected a JSON object, found {raw!r}")
-    return params
+    return {**params, **extra}
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 """The offline viewer in a real JupyterLab, in headless Chromium.
 
-Opens a notebook (default: the fixture next to this file; see conftest's
-``browser_notebook``), runs all cells from the Run menu, checks that the
+Opens a notebook (the synthetic fixture next to this file, and the real
+notebook 07 on the real quick-profile run; see conftest's ``browser_notebook``), runs all cells from the Run menu, checks that the
 viewer's plotly slices are drawn, moves the threshold slider with the keyboard
 and waits for the Dice text, which the kernel recomputes, to change. A
-screenshot goes to tests/browser/artifacts/viewer.png (git-ignored).
+screenshot goes to tests/browser/artifacts/viewer-<notebook>.png (git-ignored).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_offline_viewer_in_jupyterlab(lab_server, browser_page, browser_notebook
     try:
         _drive_viewer(lab_server, browser_page, browser_notebook, browser_notebook_parameters, artifacts_dir)
     except BaseException:
-        browser_page.screenshot(path=str(artifacts_dir / "viewer_failure.png"))
+        browser_page.screenshot(path=str(artifacts_dir / f"viewer_failure-{browser_notebook.stem}.png"))
         print("console:", *browser_page.console_messages[-30:], sep="\n  ")
         raise
 
@@ -120,9 +120,9 @@ def _drive_viewer(lab_server, browser_page, browser_notebook, parameters, artifa
 
     viewer.scroll_into_view_if_needed()
     page.wait_for_timeout(500)  # let plotly finish its transition before the screenshot
-    shot = artifacts_dir / "viewer.png"
+    shot = artifacts_dir / f"viewer-{browser_notebook.stem}.png"
     viewer.screenshot(path=str(shot))
-    page.screenshot(path=str(artifacts_dir / "viewer_page.png"), full_page=False)
+    page.screenshot(path=str(artifacts_dir / f"viewer_page-{browser_notebook.stem}.png"), full_page=False)
     errors = [m for m in page.console_messages if m.startswith("error") and "favicon" not in m]
     print(f"browser test: {time.perf_counter() - t0:.1f} s; Dice text {before!r} -> {after!r}; "
           f"screenshot {shot}; console errors: {errors[:5]}")

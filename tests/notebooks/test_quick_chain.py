@@ -1,13 +1,13 @@
 """The real notebooks, executed by the real runner (papermill) in the quick profile.
 
-One chain run (00 -> 07) is shared by the tests of this module; each test then
+One chain run (00 -> 07, the ``quick_run`` fixture of tests/conftest.py) is shared by
+the tests of this module; each test then
 checks what one stage must have left in the run directory, against independent
 computations where there is something to compute.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import nbformat
@@ -15,16 +15,6 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.notebook
-
-
-@pytest.fixture(scope="session")
-def quick_run(tmp_path_factory):
-    from screener_nb.runner import run
-
-    out = tmp_path_factory.mktemp("quick") / "run"
-    os.environ.pop("SCREENER_NOTEBOOKS_DIR", None)
-    run(out, "quick", stages="00-07")
-    return out
 
 
 def outputs_of(nb_path: Path) -> str:

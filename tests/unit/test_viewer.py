@@ -186,7 +186,10 @@ def test_headless_never_gets_itk(phantom, monkeypatch, no_itk_import):
     with pytest.warns(RuntimeWarning, match="headless"):
         v = viewer.explore(image, amap, label, backend="itk", network=True)
     assert v.backend == "offline" and "itkwidgets" not in sys.modules
+    # a notebook parameter interactive=True does not override a headless runner either
+    assert viewer.choose_backend("auto", interactive=True, network=True)[0] == "offline"
     monkeypatch.delenv("SCREENER_HEADLESS")
+    assert viewer.choose_backend("auto", interactive=True, network=True)[0] == "itk"
     # plain Python (this test process) is not an interactive kernel either
     assert viewer.detect_interactive() == (False, "not running in a Jupyter kernel")
 
@@ -265,7 +268,8 @@ def test_bad_inputs_are_named(phantom, tmp_path):
         viewer.explore(image, spacing=(1.0, -1.0, 1.0), backend="offline")
     with pytest.raises(ConfigError, match=r"backend.*found 'vtk'"):
         viewer.explore(image, backend="vtk")
-    with pytest.raises(InputError, match=re.escape(str(tmp_path)) + r".*found a path"):
+    # a path is read as a run directory (the evaluation stage's maps): an empty folder is not one
+    with pytest.raises(InputError, match=re.escape(str(tmp_path)) + r": expected a preprocessed cohort.*found none"):
         viewer.explore(tmp_path, backend="offline")
     with pytest.raises(InputError, match=r"connectivity.*found 8"):
         viewer.top_regions(amap, connectivity=8)

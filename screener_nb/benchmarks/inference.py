@@ -1,0 +1,229 @@
+"""``python -m screener_nb bench inference``: whole-volume anomaly maps, speed and memory.
+
+Two ways to map a whole CT, measured side by side in one run, each in a fresh
+process (so neither inherits the other's memory) on the same preprocessed volume:
+
+* ``windowed`` (:class:`screener_nb.inference.Screener`): descriptor, condition,
+  pooling, -log q and upsampling inside each sliding window; only a one-channel
+  map is stitched.
+* ``naive`` (:func:`screener_nb.inference.naive_anomaly_map`): MONAI stitches the
+  full descriptor and condition maps (D + C channels) of the whole volume, then
+  the density is applied.
+
+Cases: the real LIDC-IDRI-0001 sample (when ``make data-samples`` fetched it) and
+a synthetic 512 x 512 x 300 chest CT (a phantom at 0.75 x 0.75 x 1.0 mm). For
+each: voxels per second (of the ORIGINAL scan) of the scoring, the end-to-end
+``anomaly_map`` time (preprocessing included) and the peak RSS of the process
+(``ru_maxrss``) -- the Binder target is below 2 GB for the 512 x 512 x 300 case.
+
+The model is the demo profile's architecture (tiny UNets, the demo flow); with
+``--run`` a trained run is used instead (speed does not depend on the weights).
+When that run has a distilled student, the student is timed against its teacher.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD_FLAG = "--child"
+
+
+# ----------------------------------------------------------------------------- building the pipeline
+def demo_pipeline(run: str | None, method: str = "learned-flow", device: str = "cpu"):
+    """(Screener, description): the run's trained pipeline, or the demo architecture at random init."""
+    from .. import config
+    from ..inference import FeatureExtractor, Screener
+    from ..data.preprocess import PreprocessParams
+
+    condition, density = method.split("-")
+    if run:
+        return Screener.from_run(run, density, condition, device=device), f"trained run {run}"
+    from ..density_fit import build_density_model
+    from ..ssl.task import build_encoder, encoder_spec
+
+    enc = {}
+    for stage in ("descriptor", "condition"):
+        cfg = config.resolve(stage, profile="demo")
+        spec = encoder_spec(cfg)
+        enc[stage] = build_encoder(spec).eval().requires_grad_(False)
+        enc[stage].spec = spec
+    dcfg = config.resolve("density", profile="demo")
+    dcfg_data = config.resolve("data", profile="demo")
+    extractor = FeatureExtractor(enc["descriptor"], condition, enc["condition"], tuple(dcfg_data.target_spacing),
+                                 tuple(dcfg.pool_stride), dcfg.sincos_dim)
+    spec = {"density": density, "dim": extractor.dim, "cond_dim": extractor.cond_dim,
+            "flow_depth": dcfg.flow_depth, "flow_hidden": dcfg.flow_hidden}
+    model = build_density_model(spec).eval().requires_grad_(False)
+    params = PreprocessParams(spacing=tuple(dcfg_data.target_spacing))
+    screener = Screener.from_parts(extractor, model, tuple(dcfg.patch), params, method, device=device,
+                                   overlap=0.5, sw_batch=2)
+    return screener, "demo architecture, random init (speed does not depend on the weights)"
+
+
+# ----------------------------------------------------------------------------- one measurement (child)
+def _child(args) -> None:
+    """Runs in a fresh process; prints one JSON line."""
+    import resource
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from ..data.io import read_volume
+    from ..data.preprocess import preprocess
+    from ..inference import naive_anomaly_map
+
+    screener, _ = demo_pipeline(args.run, args.method)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out: dict = {"mode": args.mode}
+    volume = read_volume(args.volume)
+    n_voxels = int(np.prod(volume.shape))
+    t0 = time.perf_counter()
+    pre = preprocess(volume, screener.params)
+    out["preprocess_s"] = time.perf_counter() - t0
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        if args.mode == "windowed":
+            score = screener.score_preprocessed(pre.image, pre.body, pre.spacing)
+        else:
+            # the same window function, minus the in-window density: stitch features, then density
+            score = naive_anomaly_map(screener.extractor, screener.density, pre.image, pre.spacing, screener.patch,
+                                      overlap=screener.overlap, sw_batch=screener.sw_batch)
+        out["score_s"] = time.perf_counter() - t0
+    if args.mode == "windowed":
+        from ..data.preprocess import to_original_grid
+
+        t0 = time.perf_counter()
+        to_original_grid(score, pre.record, fill=float(score.min()), mode="linear")
+        out["back_to_original_s"] = time.perf_counter() - t0
+    np.save(args.save, score.astype(np.float32))
+    out.update(n_voxels=n_voxels, n_voxels_pre=int(np.prod(pre.shape)), shape=list(volume.shape),
+               pre_shape=list(pre.shape), rss_after_imports_mb=rss0,
+               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _measure(mode: str, volume: Path, save: Path, args) -> dict:
+    cmd = [sys.executable, "-m", "screener_nb.benchmarks.inference", CHILD_FLAG, "--mode", mode,
+           "--volume", str(volume), "--save", str(save), "--threads", str(args.threads), "--method", args.method]
+    if args.run:
+        cmd += ["--run", args.run]
+    env = {**os.environ, "SCREENER_HEADLESS": "1", "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"mode": mode, "error": (proc.stderr or proc.stdout)[-800:]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# ----------------------------------------------------------------------------- cases
+def _synthetic_ct(path: Path, shape=(512, 512, 300), spacing=(0.75, 0.75, 1.0)) -> Path:
+    from ..data.io import write_nifti
+    from ..data.phantoms import generate_case
+
+    t0 = time.perf_counter()
+    case = generate_case(7, lesions=True, shape=shape, spacing=spacing)
+    write_nifti(case.image, path)
+    print(f"  synthetic {shape} phantom at {spacing} mm generated in {time.perf_counter() - t0:.1f} s")
+    return path
+
+
+def _lidc_case() -> Path | None:
+    from ..data.samples import sample_cases
+
+    try:
+        cases = sample_cases()
+    except Exception:  # no sample folder: the case is optional
+        return None
+    found = [c for c in cases if "lidc" in c.id.lower()]
+    return Path(found[0].image) if found else None
+
+
+def _report(name: str, rows: list[dict]) -> None:
+    import numpy as np
+
+    print(f"\n== {name}")
+    ok = {r["mode"]: r for r in rows if "error" not in r}
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['mode']:<9} FAILED: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'}")
+            continue
+        vps = r["n_voxels"] / r["score_s"]
+        print(f"  {r['mode']:<9} scoring {r['score_s']:7.1f} s = {vps / 1e6:6.2f} M original voxels/s "
+              f"({r['n_voxels_pre'] / r['score_s'] / 1e6:5.2f} M preprocessed/s); preprocessing "
+              f"{r['preprocess_s']:.1f} s; peak RSS {r['peak_rss_mb']:7.0f} MB "
+              f"(after imports {r['rss_after_imports_mb']:.0f} MB)")
+    if "windowed" in ok:
+        w = ok["windowed"]
+        total = w["preprocess_s"] + w["score_s"] + w.get("back_to_original_s", 0.0)
+        print(f"  end to end (read excluded): {total:.1f} s for {tuple(w['shape'])} -> preprocessed {tuple(w['pre_shape'])}")
+    if len(ok) == 2:
+        w, n = ok["windowed"], ok["naive"]
+        print(f"  throughput windowed / naive: {n['score_s'] / w['score_s']:.2f}x; "
+              f"peak RSS naive / windowed: {n['peak_rss_mb'] / w['peak_rss_mb']:.2f}x")
+        a, b = np.load(w["save"]), np.load(n["save"])
+        inside = np.isfinite(a) & np.isfinite(b)
+        print(f"  maps agree: corr {np.corrcoef(a[inside].ravel(), b[inside].ravel())[0, 1]:.4f} "
+              "(blending before vs after the density differs slightly)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m screener_nb bench inference", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(CHILD_FLAG, action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=["windowed", "naive"], help=argparse.SUPPRESS)
+    ap.add_argument("--volume", help=argparse.SUPPRESS)
+    ap.add_argument("--save", help=argparse.SUPPRESS)
+    ap.add_argument("--run", help="a trained run directory (default: the demo architecture, untrained)")
+    ap.add_argument("--method", default="learned-flow", help="<condition>-<density> (default learned-flow)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--shape", default="512,512,300", help="synthetic CT shape (X,Y,Z)")
+    ap.add_argument("--skip-naive", action="store_true", help="time only the windowed pipeline")
+    ap.add_argument("--skip-synthetic", action="store_true", help="only the LIDC sample")
+    args = ap.parse_args(argv)
+    if args.child:
+        _child(args)
+        return 0
+
+    from ..runtime import environment_report
+
+    env = environment_report()
+    _, what = demo_pipeline(args.run, args.method)
+    print(f"bench inference: {args.method}, {what}; {args.threads} torch threads on {env['cpu_count']} cores, "
+          f"torch {env['packages'].get('torch')}")
+    modes = ["windowed"] + ([] if args.skip_naive else ["naive"])
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cases = []
+        lidc = _lidc_case()
+        if lidc is not None:
+            cases.append(("LIDC-IDRI-0001 (real)", lidc))
+        else:
+            print("  LIDC-IDRI-0001 sample not fetched (make data-samples): skipped")
+        if not args.skip_synthetic:
+            shape = tuple(int(v) for v in args.shape.split(","))
+            cases.append((f"synthetic {shape}", _synthetic_ct(tmp / "synthetic.nii.gz", shape)))
+        for name, path in cases:
+            rows = []
+            for mode in modes:
+                save = tmp / f"{mode}.npy"
+                r = _measure(mode, path, save, args)
+                r["save"] = str(save)
+                rows.append(r)
+            _report(name, rows)
+    if args.run and (Path(args.run) / "distill" / "DONE").exists():
+        from ..distill import bench_student_vs_teacher
+
+        print("\n== distilled student vs its teacher")
+        bench_student_vs_teacher(args.run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1112 @@
+"""The evaluation stage (notebook 06): every method's metrics, results in xarray, figures, the report.
+
+Two layers, so the metrics can be checked without any trained model:
+
+* **Pure evaluation of given maps** -- :class:`Evaluation` (a streaming
+  accumulator: ``set_threshold`` per method from the VALIDATION maps, then
+  ``add`` one test map at a time, ``finish`` -> ``xr.Dataset``) and
+  :func:`evaluate_maps`, its one-call form on ``{method: {case_id: map}}``.
+  Maps are (X, Y, Z) anomaly scores on the case's preprocessed grid, higher =
+  more anomalous; the ROI is the body mask; lesion voxels are ``label > 0``.
+* **The stage** -- :func:`run_evaluation` builds every method's maps from a run
+  directory (``Screener.from_run``, the :func:`zscore_baseline`, the distilled
+  student), streams them through an :class:`Evaluation` (one case's maps in
+  memory at a time; the pooled accumulators keep their sorted normal scores on
+  disk, ``spill_dir``), writes each test map as NIfTI on the ORIGINAL scan grid
+  and as a compact float16 copy on the preprocessed grid (for the viewer), then
+  saves ``eval/metrics.nc``, the figures and ``eval/report.html``. All density
+  methods of a run are scored in one sliding-window pass
+  (:class:`JointDensityScorer`: the shared descriptor and condition encoders run
+  once per window instead of once per method; the maps are bit-identical to
+  ``Screener.score_preprocessed``).
+
+Metrics (exact, from :mod:`screener_nb.metrics`; ``metric`` coordinate):
+
+=============  ==============================================================
+``auroc``      voxel AUROC, lesion vs normal body voxels
+``pauroc``     area under the ROC for FPR in [0, max_fpr] divided by max_fpr
+               (the paper's AUROC@0.3; NOT sklearn's McClish-corrected value:
+               a random score gets max_fpr / 2 = 0.15 here, 0.5 there)
+``aupro``      MVTec per-region overlap in 3D (26-connected lesion
+               components), integrated to max_fpr, divided by max_fpr
+``dice``       Dice of ``map >= threshold``, the threshold chosen on the
+               validation cases only (``threshold_rule``), never on the test case
+``best_dice``  best Dice over all thresholds chosen on the evaluated cases
+               themselves: an UPPER BOUND, not a result
+=============  ==============================================================
+
+A metric that is undefined (a case without lesion voxels in the body has no
+AUROC) is NaN and its reason is recorded in ``per_case_note`` / ``pooled_note``
+-- never 0.5.
+
+Results layout (``xr.Dataset``, saved as ``eval/metrics.nc`` with the h5netcdf engine)::
+
+    dims:  case (test cases, cohort order), method, metric, dataset (pooled groups), curve_point
+    data variables
+      per_case       (case, method, metric)     float64  metrics of each case alone
+      per_case_note  (case, method, metric)     str      why a value is NaN ("" when defined)
+      pooled         (dataset, method, metric)  float64  pooled over the dataset's labelled test
+                                                          cases (one ROC over all their voxels: the paper's protocol)
+      pooled_note    (dataset, method, metric)  str
+      threshold      (method)                   float64  Dice threshold chosen on the validation cases
+      threshold_note (method)                   str
+      n_cases        (dataset)                  int64    labelled test cases pooled per dataset
+      roc_fpr, roc_tpr     (dataset, method, curve_point)  pooled ROC vertices (NaN-padded)
+      pro_fpr, pro_overlap (dataset, method, curve_point)  pooled PRO-curve vertices (NaN-padded)
+    coordinates
+      case_dataset (case)       the case's dataset (named so because ``dataset`` is the pooled dim)
+      lesion_kind (case)        comma-joined lesion kinds ("" without lesion)
+      lesion_volume_ml (case)   summed lesion volume: the phantom's recorded ``volume_ml`` where
+                                every lesion has one, else measured from the label
+      lesion_contrast (case)    measured: mean preprocessed intensity (CLAHE'd [0, 1]) inside the
+                                label minus that of a ``shell_voxels``-thick shell around it (body only)
+      lesion_contrast_hu (case) mean of the phantoms' recorded ``contrast_hu`` (NaN where unknown)
+      n_lesion_voxels (case)    lesion voxels inside the body mask (preprocessed grid)
+      metric_label (metric)     "AUROC", "AUROC@0.3", "AUPRO@0.3", "Dice", "best Dice (upper bound)"
+    attrs: format, run, profile, max_fpr, threshold_rule, threshold_percentile, connectivity,
+           n_val_cases, package, version, timestamp
+
+Selecting a method: ``method`` is also a keyword of xarray's ``.sel`` (the fill
+method), so ``ds.pooled.sel(method="learned-flow")`` fails; write
+``ds.pooled.sel({"method": "learned-flow", "metric": "auroc"})`` or use ``.loc[{...}]``.
+
+Deviation from the lead's sketch: the measured contrast (in preprocessed
+intensity units, comparable across every case) and the phantoms' recorded
+contrast in HU are two coordinates instead of one mixed-unit coordinate.
+Evaluation happens on the preprocessed grid (where the maps are computed and
+the ROI lives); the NIfTI maps on the original grid are for viewing elsewhere.
+"""
+from __future__ import annotations
+
+import html as _html
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from . import files
+from .errors import ConfigError, InputError
+
+METRICS = ("auroc", "pauroc", "aupro", "dice", "best_dice")
+THRESHOLD_RULES = ("dice", "normal_percentile")
+RESULTS_FORMAT = "screener_nb.evaluation/1"
+BASELINES = ("zscore",)
+CURVE_POINTS = 1000
+#: coordinates along ``case`` and their dtypes (object = str)
+CASE_COORDS = {"case_dataset": object, "lesion_kind": object, "lesion_volume_ml": np.float64,
+               "lesion_contrast": np.float64, "lesion_contrast_hu": np.float64, "n_lesion_voxels": np.int64}
+BEST_DICE_NOTE = ("best Dice is the largest Dice over all thresholds, the threshold being chosen on the "
+                  "evaluated cases' own labels: an UPPER BOUND that no real use can reach, shown only to say how "
+                  "much of the gap to it comes from the threshold. The honest number is Dice, whose threshold "
+                  "comes from the validation cases. Labels are incomplete (only the target pathology is "
+                  "annotated), so both underestimate.")
+
+
+def metric_labels(max_fpr: float = 0.3) -> list[str]:
+    """Display names of :data:`METRICS` (the paper's: AUROC, AUROC@0.3, AUPRO@0.3, Dice)."""
+    return ["AUROC", f"AUROC@{max_fpr:g}", f"AUPRO@{max_fpr:g}", "Dice", "best Dice (upper bound)"]
+
+
+# --------------------------------------------------------------------------- the raw-intensity baseline
+@dataclass(frozen=True)
+class ZScoreBaseline:
+    """Raw-intensity baseline: score = |x - mean| / std of preprocessed body intensities.
+
+    The absolute value because pathology can be brighter (nodules, contrast-
+    enhancing tumours) or darker (hypodense liver and kidney tumours, ground-glass
+    against soft tissue) than normal tissue: a signed z-score would rank one of
+    the two kinds as the most normal voxels of all. ``mean``/``std`` are pooled
+    over every body voxel of the training cases (one number each for the whole
+    body, lungs and soft tissue together: that is what makes it a weak
+    baseline -- it knows intensities, not anatomy).
+    Same interface as :class:`~screener_nb.inference.Screener`.
+    """
+
+    mean: float
+    std: float
+    method: str = "zscore"
+
+    def score_preprocessed(self, image: np.ndarray, body: np.ndarray, spacing=None, **_: Any) -> np.ndarray:
+        """(X, Y, Z) float32 map; outside the body set to the map's minimum (as Screener does)."""
+        image = np.asarray(image, dtype=np.float32)
+        body = np.asarray(body, dtype=bool)
+        if body.shape != image.shape:
+            raise InputError("zscore baseline", f"a body mask of the image's shape {image.shape}", f"shape {body.shape}")
+        score = np.abs(image - np.float32(self.mean)) / np.float32(self.std)
+        if body.any():
+            score[~body] = score[body].min()
+        return score.astype(np.float32, copy=False)
+
+
+def zscore_baseline(train_cases: Iterable[Any]) -> ZScoreBaseline:
+    """Fit :class:`ZScoreBaseline` on training cases (objects with ``.image``, ``.body``), streaming."""
+    n, s, ss = 0, 0.0, 0.0
+    for c in train_cases:
+        body = np.asarray(c.body, dtype=bool)
+        v = np.asarray(c.image)[body].astype(np.float64)
+        n, s, ss = n + v.size, s + float(v.sum()), ss + float(np.dot(v, v))
+    if n < 2:
+        raise InputError("zscore baseline", "training cases with body voxels", f"{n} body voxel(s)")
+    mean = s / n
+    std = math.sqrt(max(ss / n - mean * mean, 0.0))
+    if not std > 0:
+        raise InputError("zscore baseline", "training intensities that vary", f"a constant body intensity {mean:g}")
+    return ZScoreBaseline(mean, std)
+
+
+# --------------------------------------------------------------------------- methods of a run
+def available_methods(run_dir: str | Path) -> list[str]:
+    """Every method a run can evaluate: fitted densities, ``zscore``, ``student`` (when distilled).
+
+    Densities are the folders ``density/<condition>-<density>/model.json``
+    (in the order of ``inference.CONDITIONS`` x ``inference.DENSITIES``).
+    """
+    from .inference import CONDITIONS, DENSITIES, method_name
+
+    run_dir = Path(run_dir)
+    out = [method_name(c, d) for c in CONDITIONS for d in DENSITIES
+           if (run_dir / "density" / method_name(c, d) / "model.json").is_file()]
+    out += list(BASELINES)
+    if (run_dir / "distill" / "DONE").exists():
+        out.append("student")
+    return out
+
+
+def resolve_methods(run_dir: str | Path, methods: str | Sequence[str] = "all") -> list[str]:
+    """``"all"`` -> :func:`available_methods`; a comma list -> checked against them (ConfigError)."""
+    known = available_methods(run_dir)
+    if isinstance(methods, str):
+        if methods.strip() == "all":
+            return known
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+    else:
+        names = list(methods)
+    if not names:
+        raise ConfigError(f"parameter 'methods': expected 'all' or a comma list of {', '.join(known)}, found {methods!r}")
+    unknown = [m for m in names if m not in known]
+    if unknown:
+        raise ConfigError(f"parameter 'methods': unknown method(s) {', '.join(unknown)} for run {run_dir}; "
+                          f"known: {', '.join(known)} (or 'all')")
+    return list(dict.fromkeys(names))
+
+
+def make_scorer(run_dir: str | Path, method: str, *, device: str = "auto", overlap: float = 0.5,
+                sw_batch: int = 2) -> Any:
+    """An object with ``.method`` and ``.score_preprocessed(image, body, spacing)`` for one method."""
+    from .data.cohort import load_cohort
+
+    if method == "zscore":
+        return zscore_baseline(load_cohort(run_dir, role="train"))
+    from .inference import Screener
+
+    if method == "student":
+        return Screener.from_run(run_dir, student=True, device=device, overlap=overlap, sw_batch=sw_batch)
+    if method.count("-") != 1:
+        raise ConfigError(f"method {method!r}: expected <condition>-<density>, zscore or student")
+    condition, density = method.split("-")
+    return Screener.from_run(run_dir, density, condition, device=device, overlap=overlap, sw_batch=sw_batch)
+
+
+# --------------------------------------------------------------------------- per-case lesion description
+def lesion_coords(case: Any, lesions: Sequence[Mapping] | None = None, *, shell_voxels: int = 2) -> dict:
+    """Coordinates of one case along ``case`` (see module docstring).
+
+    Args:
+        case: object with ``label`` (X, Y, Z) or None, ``body``, ``image`` (preprocessed), ``spacing`` (mm),
+            ``dataset``, ``lesion_kinds``.
+        lesions: the case's entries of ``data/lesions.json`` (dicts with at least "kind"; phantoms
+            also "volume_ml", "contrast_hu", ...).
+        shell_voxels: thickness of the shell around the lesion the measured contrast compares against.
+    """
+    from scipy import ndimage
+
+    lesions = list(lesions or [])
+    kinds = sorted({str(les["kind"]) for les in lesions if les.get("kind")} or set(getattr(case, "lesion_kinds", []) or []))
+    out = {"case_dataset": str(case.dataset), "lesion_kind": ",".join(kinds), "lesion_volume_ml": math.nan,
+           "lesion_contrast": math.nan, "lesion_contrast_hu": math.nan, "n_lesion_voxels": 0}
+    hu = [float(les["contrast_hu"]) for les in lesions if _is_number(les.get("contrast_hu"))]
+    if hu:
+        out["lesion_contrast_hu"] = float(np.mean(hu))
+    if case.label is None:
+        return out
+    lab = np.asarray(case.label) > 0
+    body = np.asarray(case.body, dtype=bool)
+    out["n_lesion_voxels"] = int(np.count_nonzero(lab & body))
+    vols = [les.get("volume_ml") for les in lesions]
+    if vols and all(_is_number(v) for v in vols):
+        out["lesion_volume_ml"] = float(sum(float(v) for v in vols))
+    else:
+        out["lesion_volume_ml"] = float(np.count_nonzero(lab)) * float(np.prod(case.spacing)) / 1000.0
+    if lab.any():
+        idx = np.argwhere(lab)
+        lo = np.maximum(idx.min(0) - shell_voxels - 1, 0)
+        hi = np.minimum(idx.max(0) + shell_voxels + 2, lab.shape)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        inside = lab[box]
+        shell = ndimage.binary_dilation(inside, iterations=shell_voxels) & ~inside & body[box]
+        if shell.any():
+            img = np.asarray(case.image[box], dtype=np.float64)
+            out["lesion_contrast"] = float(img[inside].mean() - img[shell].mean())
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+# --------------------------------------------------------------------------- the pure evaluation
+class Evaluation:
+    """Streaming evaluation of anomaly maps: thresholds from validation cases, metrics of test cases.
+
+    >>> ev = Evaluation(["m"], test_cases, lesions)                # doctest: +SKIP
+    >>> ev.set_threshold("m", val_maps, val_cases)                 # doctest: +SKIP
+    >>> for c in test_cases: ev.add("m", c, map_of(c))             # doctest: +SKIP
+    >>> ds = ev.finish()                                           # doctest: +SKIP
+
+    Args:
+        methods: method names (the ``method`` dimension, in this order).
+        cases: the test cases (``.id``, ``.dataset``, ``.image``, ``.body``, ``.label``, ``.spacing``).
+        lesions: case id -> list of lesion dicts (``data/lesions.json``); optional.
+        max_fpr: FPR limit of the partial AUROC and AUPRO (paper 0.3).
+        threshold_rule: "dice" (the best pooled Dice on the validation cases) or
+            "normal_percentile" (``percentile`` of the validation cases' normal body voxels).
+        percentile: for "normal_percentile" (99.5: this package's default, not a paper value).
+        connectivity: lesion-region neighbourhood of AUPRO (26 default).
+        spill_dir: keep the pooled accumulators' sorted normal scores as memory-mapped
+            files under this folder (hundreds of CTs); None keeps them in RAM.
+        curve_points: vertices kept per pooled ROC / PRO curve (for figures).
+    """
+
+    def __init__(self, methods: Sequence[str], cases: Sequence[Any], lesions: Mapping[str, Any] | None = None, *,
+                 max_fpr: float = 0.3, threshold_rule: str = "dice", percentile: float = 99.5,
+                 connectivity: int = 26, spill_dir: str | Path | None = None, curve_points: int = CURVE_POINTS,
+                 shell_voxels: int = 2):
+        from .metrics import _check_max_fpr
+
+        self.max_fpr = _check_max_fpr(max_fpr)
+        if threshold_rule not in THRESHOLD_RULES:
+            raise ConfigError(f"threshold_rule: expected one of {', '.join(THRESHOLD_RULES)}, found {threshold_rule!r}")
+        self.methods = list(dict.fromkeys(methods))
+        if not self.methods:
+            raise ConfigError("Evaluation: expected at least one method, found none")
+        self.case_ids = [str(c.id) for c in cases]
+        if len(set(self.case_ids)) != len(self.case_ids):
+            dup = sorted({i for i in self.case_ids if self.case_ids.count(i) > 1})
+            raise InputError("Evaluation(cases)", "unique case ids", f"duplicates {dup}")
+        self.threshold_rule, self.percentile, self.connectivity = threshold_rule, float(percentile), connectivity
+        self.spill_dir, self.curve_points = spill_dir, int(curve_points)
+        lesions = lesions or {}
+        self.coords = {str(c.id): lesion_coords(c, lesions.get(str(c.id)), shell_voxels=shell_voxels) for c in cases}
+        self.datasets = list(dict.fromkeys(str(c.dataset) for c in cases))
+        shape = (len(self.case_ids), len(self.methods), len(METRICS))
+        self.per_case = np.full(shape, np.nan)
+        self.per_case_note = np.full(shape, "", dtype=object)
+        self.thresholds = {m: math.nan for m in self.methods}
+        self.threshold_notes = {m: "threshold not chosen yet (call set_threshold)" for m in self.methods}
+        self._threshold_set: set[str] = set()
+        self._acc: dict[tuple[str, str], Any] = {}
+        self._added: set[tuple[str, str]] = set()
+        self.n_val_cases = 0
+
+    # -- thresholds
+    def set_threshold(self, method: str, val_maps: Sequence[Any], val_cases: Sequence[Any]) -> float:
+        """Choose ``method``'s Dice threshold on validation maps (never on test cases); return it (NaN: none)."""
+        from .metrics import threshold_from_validation
+
+        self._check_method(method)
+        val_maps, val_cases = list(val_maps), list(val_cases)
+        if len(val_maps) != len(val_cases):
+            raise InputError(f"validation maps of {method}", f"one map per validation case ({len(val_cases)})",
+                             f"{len(val_maps)} maps")
+        self.n_val_cases = max(self.n_val_cases, len(val_cases))
+        value, note = math.nan, ""
+        rois = [np.asarray(c.body, dtype=bool) for c in val_cases]
+        if self.threshold_rule == "dice":
+            keep = [i for i, c in enumerate(val_cases) if c.label is not None]
+            if not keep:
+                note = "no labelled validation case: the Dice threshold cannot be chosen (Dice left undefined)"
+            else:
+                try:
+                    value = threshold_from_validation([val_maps[i] for i in keep],
+                                                      [np.asarray(val_cases[i].label) > 0 for i in keep],
+                                                      [rois[i] for i in keep], criterion="dice")
+                except InputError as e:
+                    note = f"validation cases give no threshold: {e}"
+        else:
+            if not val_cases:
+                note = "no validation case: the Dice threshold cannot be chosen (Dice left undefined)"
+            else:
+                # a validation case without a label is taken as healthy: the rule needs only normal tissue
+                labels = [np.zeros(np.shape(m), bool) if c.label is None else np.asarray(c.label) > 0
+                          for m, c in zip(val_maps, val_cases)]
+                try:
+                    value = threshold_from_validation(val_maps, labels, rois, criterion="normal_percentile",
+                                                      percentile=self.percentile)
+                except InputError as e:
+                    note = f"validation cases give no threshold: {e}"
+        self.set_threshold_value(method, value, note)
+        return value
+
+    def set_threshold_value(self, method: str, value: float, note: str = "") -> None:
+        """Use a given threshold (e.g. from another run's validation cases); NaN needs a ``note``."""
+        from .metrics import PooledMetrics
+
+        self._check_method(method)
+        if any(m == method for m, _ in self._added):
+            raise ConfigError(f"threshold of {method}: set it before adding that method's test maps")
+        value = float(value)
+        self.thresholds[method] = value
+        self.threshold_notes[method] = "" if math.isfinite(value) else (note or "no threshold")
+        self._threshold_set.add(method)
+        for d in self.datasets:
+            self._acc[(d, method)] = PooledMetrics(
+                connectivity=self.connectivity, dice_threshold=value if math.isfinite(value) else None,
+                spill_dir=self.spill_dir)
+
+    # -- test cases
+    def add(self, method: str, case: Any, map_: Any) -> None:
+        """Evaluate one test case's map (X, Y, Z) and add it to its dataset's pooled accumulator."""
+        from .metrics import PooledMetrics, dice
+
+        self._check_method(method)
+        cid = str(case.id)
+        if cid not in self.coords:
+            raise InputError(f"Evaluation.add({method})", f"a case among the {len(self.case_ids)} test cases",
+                             repr(cid))
+        if method not in self._threshold_set:
+            raise ConfigError(f"Evaluation.add: set {method}'s threshold first (set_threshold on validation cases)")
+        if (cid, method) in self._added:
+            raise InputError(f"Evaluation.add({method})", "each case once", f"case {cid} twice")
+        scores = map_.array if hasattr(map_, "array") else map_
+        scores = np.asarray(scores)
+        if scores.shape != tuple(np.shape(case.body)):
+            raise InputError(f"map {method}/{cid}", f"the case's preprocessed shape {tuple(np.shape(case.body))}",
+                             f"shape {scores.shape}")
+        i, j = self.case_ids.index(cid), self.methods.index(method)
+        body = np.asarray(case.body, dtype=bool)
+        row, note = self.per_case[i, j], self.per_case_note[i, j]
+        if case.label is None:
+            note[:] = "no label for this case: every metric is undefined"
+            self._added.add((cid, method))
+            return
+        lab = np.asarray(case.label) > 0
+        n_pos = int(np.count_nonzero(lab & body))
+        n_neg = int(np.count_nonzero(body)) - n_pos
+        ranking = [0, 1, 2, 4]  # auroc, pauroc, aupro, best_dice
+        if n_pos == 0 or n_neg == 0:
+            why = ("no lesion voxel inside the body mask" if n_pos == 0 else "no normal voxel inside the body mask")
+            for k in ranking:
+                note[k] = f"{why}: {METRICS[k]} undefined" + (" (reported as NaN, not 0.5)" if k < 2 else "")
+        else:
+            acc = PooledMetrics(connectivity=self.connectivity)
+            acc.update(scores, lab, body, name=cid)
+            r = acc.compute(self.max_fpr)
+            row[0], row[1], row[2] = r.auroc, r.pauroc, r.aupro
+            row[4] = acc.best_dice().dice
+            del acc
+        thr = self.thresholds[method]
+        if math.isfinite(thr):
+            try:
+                row[3] = dice(scores, lab, thr, roi=body)
+            except InputError:
+                note[3] = "no lesion voxel and no voxel above the threshold: Dice undefined"
+        else:
+            note[3] = f"no validation threshold ({self.threshold_notes[method]})"
+        self._acc[(str(case.dataset), method)].update(scores, lab, body, name=cid)
+        self._added.add((cid, method))
+
+    # -- results
+    def finish(self, attrs: Mapping[str, Any] | None = None):
+        """The results as an ``xr.Dataset`` (module docstring); frees the pooled accumulators."""
+        import xarray as xr
+
+        from . import __version__
+
+        missing = [(c, m) for m in self.methods for c in self.case_ids if (c, m) not in self._added]
+        for c, m in missing:  # a method not evaluated on a case: say so rather than leave a silent NaN
+            i, j = self.case_ids.index(c), self.methods.index(m)
+            self.per_case_note[i, j] = ["map not evaluated"] * len(METRICS)
+        nd, nm, nk, npt = len(self.datasets), len(self.methods), len(METRICS), self.curve_points
+        pooled = np.full((nd, nm, nk), np.nan)
+        pooled_note = np.full((nd, nm, nk), "", dtype=object)
+        curves = {k: np.full((nd, nm, npt), np.nan) for k in ("roc_fpr", "roc_tpr", "pro_fpr", "pro_overlap")}
+        n_cases = np.zeros(nd, np.int64)
+        for a, d in enumerate(self.datasets):
+            for b, m in enumerate(self.methods):
+                acc = self._acc.get((d, m))
+                if acc is None or acc.n_cases == 0:
+                    pooled_note[a, b] = "no labelled test case evaluated"
+                    continue
+                n_cases[a] = max(n_cases[a], acc.n_cases)
+                try:
+                    r = acc.compute(self.max_fpr)
+                except InputError as e:
+                    pooled_note[a, b] = f"undefined (not 0.5): {e}"
+                    continue
+                pooled[a, b, :3] = r.auroc, r.pauroc, r.aupro
+                if r.dice is not None:
+                    pooled[a, b, 3] = r.dice
+                else:
+                    pooled_note[a, b, 3] = f"no validation threshold ({self.threshold_notes[m]})"
+                pooled[a, b, 4] = acc.best_dice().dice
+                for kind, (kx, ky) in (("roc", ("roc_fpr", "roc_tpr")), ("pro", ("pro_fpr", "pro_overlap"))):
+                    x, y = acc.curve(kind, max_points=npt)
+                    curves[kx][a, b, : x.size], curves[ky][a, b, : y.size] = x, y
+        self._acc.clear()  # removes spilled files
+
+        case_coords = {}
+        for k, dtype in CASE_COORDS.items():
+            case_coords[k] = ("case", np.asarray([self.coords[c][k] for c in self.case_ids], dtype=dtype))
+        ds = xr.Dataset(
+            data_vars={
+                "per_case": (("case", "method", "metric"), self.per_case),
+                "per_case_note": (("case", "method", "metric"), self.per_case_note.astype(str).astype(object)),
+                "pooled": (("dataset", "method", "metric"), pooled),
+                "pooled_note": (("dataset", "method", "metric"), pooled_note.astype(str).astype(object)),
+                "threshold": (("method",), np.array([self.thresholds[m] for m in self.methods], float)),
+                "threshold_note": (("method",), np.array([self.threshold_notes[m] for m in self.methods], object)),
+                "n_cases": (("dataset",), n_cases),
+                **{k: (("dataset", "method", "curve_point"), v) for k, v in curves.items()},
+            },
+            coords={
+                "case": np.asarray(self.case_ids, dtype=object),
+                "method": np.asarray(self.methods, dtype=object),
+                "metric": np.asarray(METRICS, dtype=object),
+                "dataset": np.asarray(self.datasets, dtype=object),
+                "metric_label": ("metric", np.asarray(metric_labels(self.max_fpr), dtype=object)),
+                **case_coords,
+            },
+        )
+        ds["per_case"].attrs["description"] = "metrics of each test case alone (NaN: see per_case_note)"
+        ds["pooled"].attrs["description"] = ("metrics pooled over all voxels/regions of the dataset's labelled "
+                                             "test cases (the paper's per-dataset numbers)")
+        ds["threshold"].attrs["description"] = f"Dice threshold chosen on the validation cases ({self.threshold_rule})"
+        ds["lesion_volume_ml"].attrs["units"] = "ml"
+        ds["lesion_contrast"].attrs["units"] = "preprocessed intensity ([0, 1] after window and CLAHE)"
+        ds["lesion_contrast_hu"].attrs["units"] = "HU"
+        ds.attrs.update({
+            "format": RESULTS_FORMAT, "package": "screener_nb", "version": __version__,
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "max_fpr": self.max_fpr,
+            "threshold_rule": self.threshold_rule, "threshold_percentile": self.percentile,
+            "connectivity": int(self.connectivity), "n_val_cases": int(self.n_val_cases),
+            "run": "", "profile": "", "best_dice": "upper bound: threshold chosen on the evaluated cases themselves",
+        })
+        for k, v in (attrs or {}).items():
+            ds.attrs[k] = v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else str(v)
+        return ds
+
+    def _check_method(self, method: str) -> None:
+        if method not in self.methods:
+            raise ConfigError(f"method {method!r} is not among this evaluation's methods: {', '.join(self.methods)}")
+
+
+def evaluate_maps(maps_by_method: Mapping[str, Mapping[str, Any]], cases: Sequence[Any],
+                  val_maps_by_method: Mapping[str, Mapping[str, Any]] | None, val_cases: Sequence[Any],
+                  lesions: Mapping[str, Any] | None = None, max_fpr: float = 0.3, threshold_rule: str = "dice", *,
+                  percentile: float = 99.5, attrs: Mapping[str, Any] | None = None,
+                  spill_dir: str | Path | None = None):
+    """Metrics of given maps (module docstring): per case, pooled per dataset, Dice at a validation threshold.
+
+    Args:
+        maps_by_method: ``{method: {case_id: (X, Y, Z) map}}`` for the test ``cases``. A lazy
+            ``Mapping`` (loading a map on access) keeps one map in memory at a time.
+        cases: test cases (``.id``, ``.dataset``, ``.image``, ``.body``, ``.label``, ``.spacing``).
+        val_maps_by_method: ``{method: {case_id: map}}`` of the validation cases; the Dice
+            threshold of each method is chosen on these only.
+        val_cases: the validation cases.
+        lesions: ``data/lesions.json`` content (case id -> list of lesion dicts).
+        max_fpr, threshold_rule, percentile: see :class:`Evaluation`.
+
+    Returns:
+        ``xr.Dataset`` (layout in the module docstring).
+    """
+    ev = Evaluation(list(maps_by_method), cases, lesions, max_fpr=max_fpr, threshold_rule=threshold_rule,
+                    percentile=percentile, spill_dir=spill_dir)
+    val_maps_by_method = val_maps_by_method or {}
+    for method, maps in maps_by_method.items():
+        vm = val_maps_by_method.get(method, {})
+        vcases = [c for c in val_cases if str(c.id) in vm]
+        ev.set_threshold(method, [vm[str(c.id)] for c in vcases], vcases)
+        for c in cases:
+            if str(c.id) not in maps:
+                raise InputError(f"maps of {method}", f"a map for every test case", f"none for case {c.id}")
+            ev.add(method, c, maps[str(c.id)])
+    return ev.finish(attrs)
+
+
+# --------------------------------------------------------------------------- one pass for all densities
+class JointDensityScorer:
+    """Several density methods of one run scored in ONE sliding-window pass.
+
+    Why not ``Screener.score_preprocessed`` per method: every density of a run
+    sits on the same frozen descriptor (and the ``learned`` ones on the same
+    condition encoder), so six methods would run the descriptor six times on
+    the same windows. Here each window's descriptor (and learned condition) is
+    computed once, every density scores it, and MONAI stitches one channel per
+    method. Each channel is that method's ``score_preprocessed`` map: same
+    windows, Gaussian blending (linear, per channel), autocast and
+    outside-the-body fill (tested against it).
+
+    Args:
+        screeners: method -> ``Screener`` built by ``Screener.from_run`` (they must
+            share patch, pooling stride, spacing, device, overlap and sw_batch).
+    """
+
+    def __init__(self, screeners: Mapping[str, Any]):
+        from .inference import FeatureExtractor
+
+        if not screeners:
+            raise ConfigError("JointDensityScorer: expected at least one density method")
+        self.methods = list(screeners)
+        first = next(iter(screeners.values()))
+        for m, s in screeners.items():
+            if s.extractor is None or s.density is None:
+                raise ConfigError(f"JointDensityScorer: {m} is not a density method (no extractor/density)")
+            if joint_key(s) != joint_key(first):
+                raise ConfigError(f"JointDensityScorer: {m} differs from {self.methods[0]} in "
+                                  f"patch / pooling / spacing / device / window settings: {joint_key(s)} vs {joint_key(first)}")
+        self.patch, self.device = first.patch, first.device
+        self.overlap, self.sw_batch = first.overlap, first.sw_batch
+        ext0 = first.extractor
+        learned = next((s.extractor for s in screeners.values() if s.extractor.condition_kind == "learned"), None)
+        # one descriptor (and one condition encoder) for all: the per-method copies are dropped
+        self.base = learned or FeatureExtractor(ext0.descriptor, "none", None, ext0.spacing, ext0.pool_stride)
+        self.kinds = {m: s.extractor.condition_kind for m, s in screeners.items()}
+        self.sincos = {m: FeatureExtractor(self.base.descriptor, "sincos", None, s.extractor.spacing,
+                                           s.extractor.pool_stride, s.extractor.sincos_dim)
+                       for m, s in screeners.items() if self.kinds[m] == "sincos"}
+        self.densities = {m: s.density for m, s in screeners.items()}
+
+    def score_all(self, image: np.ndarray, body: np.ndarray, spacing, methods: Sequence[str] | None = None,
+                  *, source: str = "volume") -> dict[str, np.ndarray]:
+        """method -> (X, Y, Z) float32 map of a preprocessed image (in [0, 1]) on its own grid."""
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        from .models.density import upsample_scores
+        from .runtime import autocast
+
+        methods = list(methods or self.methods)
+        image = np.asarray(image, dtype=np.float32)
+        if not image.flags.writeable:  # a memory-mapped case: torch wants a writable buffer
+            image = image.copy()
+        body = np.asarray(body, dtype=bool)
+        _check_image(image, body, self.patch, spacing, source)
+        spacing_t = torch.tensor(tuple(spacing), dtype=torch.float64)
+
+        def predictor(win, slices):
+            starts = torch.tensor([[sl.start for sl in ss[2:]] for ss in slices], dtype=torch.float64)
+            origin = starts * spacing_t
+            with autocast(self.device):
+                y, c_learned = self.base(win, origin)
+                out = []
+                for m in methods:
+                    kind = self.kinds[m]
+                    c = (c_learned if kind == "learned" else None if kind == "none"
+                         else self.sincos[m].sincos(origin, tuple(y.shape[2:])).to(y.device, y.dtype))
+                    nll = -self.densities[m].log_prob(y, c)
+                    out.append(upsample_scores(nll, tuple(win.shape[2:])).float())
+                return torch.stack(out, 1)
+
+        with torch.inference_mode():
+            out = sliding_window_inference(
+                torch.from_numpy(image)[None, None], self.patch, self.sw_batch, predictor, overlap=self.overlap,
+                mode="gaussian", sw_device=self.device, device=torch.device("cpu"), progress=False, with_coord=True)
+        maps = {}
+        for i, m in enumerate(methods):
+            score = out[0, i].numpy().astype(np.float32)
+            score[~body] = score[body].min()
+            maps[m] = score
+        return maps
+
+
+def joint_key(screener: Any) -> tuple:
+    """What density methods must share to be scored in one pass."""
+    e = screener.extractor
+    return (tuple(screener.patch), tuple(e.pool_stride), tuple(float(v) for v in e.spacing), str(screener.device),
+            float(screener.overlap), int(screener.sw_batch))
+
+
+def _check_image(image: np.ndarray, body: np.ndarray, patch, spacing, source: str) -> None:
+    """The refusals of ``Screener.score_preprocessed``, for the joint pass."""
+    if image.ndim != 3:
+        raise InputError(source, "a 3D preprocessed image", f"shape {image.shape}")
+    if body.shape != image.shape:
+        raise InputError(source, f"a body mask of the image's shape {image.shape}", f"shape {body.shape}")
+    if not np.isfinite(image).all():
+        raise InputError(source, "finite intensities", f"{int((~np.isfinite(image)).sum())} NaN/inf voxels")
+    if not body.any():
+        raise InputError(source, "a body (voxels above the air threshold)", "none: the volume is all air")
+    small = [i for i in range(3) if image.shape[i] < patch[i]]
+    if small:
+        raise InputError(source, f"a volume at least as large as the window {tuple(patch)} voxels (after "
+                         f"preprocessing to {tuple(round(float(s), 2) for s in spacing)} mm)",
+                         f"shape {image.shape} (too small along {', '.join('XYZ'[i] for i in small)})")
+
+
+# --------------------------------------------------------------------------- the stage
+def _map_paths(eval_dir: Path, method: str, case_id: str) -> dict[str, Path]:
+    return {"cache": eval_dir / "cache" / method / f"{case_id}.npy",
+            "nifti": eval_dir / "maps" / method / f"{case_id}.nii.gz",
+            "pre": eval_dir / "maps_pre" / method / f"{case_id}.npy"}
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with files.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def _source_stamp(run_dir: Path, method: str, overlap: float) -> dict:
+    """What a cached map depends on: the producing stage's completion time and the window overlap."""
+    stage = "data" if method == "zscore" else ("distill" if method == "student" else "density")
+    done = run_dir / stage / "DONE"
+    return {"method": method, "overlap": float(overlap),
+            "stage_done_mtime_ns": done.stat().st_mtime_ns if done.exists() else None}
+
+
+class MapSource:
+    """Maps of a run's cases for several methods: from the resume cache when valid, else computed.
+
+    Density methods are computed together (:class:`JointDensityScorer`), ``zscore`` and
+    ``student`` on their own; models are built on first need, so a fully cached
+    stage loads none. Every computed map is first saved (float32, atomically) to
+    ``eval/cache/<method>/<case>.npy``; ``get`` returns memory-mapped cache arrays.
+    """
+
+    def __init__(self, run_dir: Path, methods: Sequence[str], *, device: str = "auto", overlap: float = 0.5,
+                 sw_batch: int = 2, progress: Callable[[str], None] | None = None):
+        self.run_dir, self.eval_dir = Path(run_dir), Path(run_dir) / "eval"
+        self.methods, self.progress = list(methods), progress
+        self.device, self.overlap, self.sw_batch = device, overlap, sw_batch
+        self._scorers: dict[str, Any] = {}  # method -> scorer (a JointDensityScorer is shared by its methods)
+        self.computed = self.reused = 0
+        self.seconds = 0.0
+        for m in self.methods:
+            cache_dir = self.eval_dir / "cache" / m
+            stamp = _source_stamp(self.run_dir, m, overlap)
+            stamp_file = cache_dir / "stamp.json"
+            if stamp_file.exists() and files.read_json(stamp_file) != stamp:
+                shutil.rmtree(cache_dir)  # produced by another model or overlap: recompute
+            if not stamp_file.exists():
+                files.write_json(stamp_file, stamp)
+
+    def _build(self, missing: Sequence[str]) -> None:
+        todo = [m for m in missing if m not in self._scorers]
+        dens = [m for m in todo if m not in ("zscore", "student")]
+        for m in [m for m in todo if m in ("zscore", "student")]:
+            self._scorers[m] = make_scorer(self.run_dir, m, device=self.device, overlap=self.overlap,
+                                           sw_batch=self.sw_batch)
+            if isinstance(self._scorers[m], ZScoreBaseline):
+                files.write_json(self.eval_dir / "zscore.json", {"mean": self._scorers[m].mean,
+                                                                 "std": self._scorers[m].std})
+        if dens:
+            screeners = {m: make_scorer(self.run_dir, m, device=self.device, overlap=self.overlap,
+                                        sw_batch=self.sw_batch) for m in dens}
+            groups: dict[tuple, dict] = {}
+            for m, s in screeners.items():
+                groups.setdefault(joint_key(s), {})[m] = s
+            for group in groups.values():
+                joint = JointDensityScorer(group)
+                for m in group:
+                    self._scorers[m] = joint
+            del screeners, groups
+
+    def get(self, case: Any, *, write_maps: bool) -> dict[str, np.ndarray]:
+        """method -> map (X, Y, Z) float32 of ``case``; with ``write_maps`` also its NIfTI and float16 copies."""
+        paths = {m: _map_paths(self.eval_dir, m, str(case.id)) for m in self.methods}
+        for m, p in paths.items():
+            if p["cache"].is_file() and not self._cache_ok(p["cache"], case):
+                p["cache"].unlink()
+        missing = [m for m in self.methods if not paths[m]["cache"].is_file()]
+        if missing:
+            self._build(missing)
+            t0 = time.perf_counter()
+            done: set[str] = set()
+            for m in missing:
+                if m in done:
+                    continue
+                scorer = self._scorers[m]
+                if isinstance(scorer, JointDensityScorer):
+                    group = [n for n in missing if self._scorers[n] is scorer]
+                    fresh = scorer.score_all(case.image, case.body, case.spacing, group, source=f"case {case.id}")
+                else:
+                    fresh = {m: np.asarray(scorer.score_preprocessed(case.image, case.body, case.spacing),
+                                           dtype=np.float32)}
+                for n, arr in fresh.items():
+                    _save_npy(paths[n]["cache"], arr)
+                    done.add(n)
+            dt = time.perf_counter() - t0
+            self.seconds += dt
+            if self.progress:
+                self.progress(f"[eval] {case.id}: {len(missing)} map(s) computed in {dt:.1f} s"
+                              + (f", {len(self.methods) - len(missing)} reused" if len(missing) < len(self.methods) else ""))
+        self.computed += len(missing)
+        self.reused += len(self.methods) - len(missing)
+        maps = {m: np.load(paths[m]["cache"], mmap_mode="r") for m in self.methods}
+        if write_maps:
+            from .data.io import write_nifti
+            from .data.preprocess import to_original_volume
+
+            for m, p in paths.items():
+                if m in missing or not p["nifti"].is_file():
+                    write_nifti(to_original_volume(np.asarray(maps[m]), case.record, mode="linear"), p["nifti"])
+                if m in missing or not p["pre"].is_file():
+                    _save_npy(p["pre"], np.asarray(maps[m]).astype(np.float16))
+        return maps
+
+    @staticmethod
+    def _cache_ok(path: Path, case: Any) -> bool:
+        try:
+            m = np.load(path, mmap_mode="r")
+        except (ValueError, OSError):
+            return False
+        return m.shape == tuple(np.shape(case.body)) and m.dtype == np.float32
+
+    def close(self) -> None:
+        self._scorers.clear()
+
+
+def _read_lesions(run_dir: Path) -> dict:
+    path = run_dir / "data" / "lesions.json"
+    if not path.is_file():
+        return {}
+    data = files.read_json(path)
+    if not isinstance(data, dict):
+        raise InputError(path, "a mapping case id -> list of lesions", type(data).__name__)
+    return data
+
+
+def run_evaluation(cfg: Any, *, progress: Callable[[str], None] | None = print, threshold_rule: str = "dice",
+                   keep_cache: bool = False, report: bool = True):
+    """The evaluate stage: every method's maps of the run's val and test cases, metrics, maps, report.
+
+    Reads ``cfg.run_dir``, ``cfg.methods`` ("all" or a comma list), ``cfg.device``,
+    ``cfg.overlap``, ``cfg.sw_batch``, ``cfg.max_fpr`` (``config.resolve("evaluate")``).
+
+    Order: the validation cases first (their maps choose each method's Dice
+    threshold), then one test case at a time: every method's map, the per-case
+    metrics and pooled accumulators updated, the maps written, the maps dropped.
+
+    Writes under ``<run>/eval/``: ``maps/<method>/<case>.nii.gz`` (test maps on the
+    original scan grid), ``maps_pre/<method>/<case>.npy`` (float16, preprocessed grid,
+    for the viewer), ``metrics.nc``, ``report.html``. Resumable: every map is first
+    written (float32, atomically) to ``cache/<method>/<case>.npy``; a re-run after an
+    interruption reuses them instead of recomputing (the cache is invalidated when the
+    producing stage or the overlap changed, and removed at the end unless ``keep_cache``).
+    Scratch space while it runs: about 8 bytes per body voxel, method and case (the
+    cache plus the pooled accumulators' spilled normal scores).
+    The stage's ``DONE`` marker is left to the caller (the notebook writes it last).
+    """
+    from .data.cohort import load_cohort
+
+    run_dir = Path(cfg.run_dir)
+    files.require_stage(run_dir, "data")
+    files.require_stage(run_dir, "density")
+    methods = resolve_methods(run_dir, cfg.methods)
+    test, val = load_cohort(run_dir, role="test"), load_cohort(run_dir, role="val")
+    if not test:
+        raise InputError(run_dir / "data" / "index.json", "at least one test case", "none")
+    lesions = _read_lesions(run_dir)
+    eval_dir = files.stage_dir(run_dir, "eval")
+    for stale in eval_dir.glob("metrics-*"):  # spilled scores of a killed earlier attempt
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    t_start = time.perf_counter()
+    ev = Evaluation(methods, test, lesions, max_fpr=cfg.max_fpr, threshold_rule=threshold_rule, spill_dir=eval_dir)
+    source = MapSource(run_dir, methods, device=cfg.device, overlap=cfg.overlap, sw_batch=cfg.sw_batch,
+                       progress=progress)
+    val_maps = [source.get(c, write_maps=False) for c in val]  # memory-mapped cache files
+    for m in methods:
+        thr = ev.set_threshold(m, [vm[m] for vm in val_maps], val)
+        if progress:
+            progress(f"[eval] {m}: Dice threshold {thr:.4g} chosen on {len(val)} validation case(s)"
+                     + (f" ({ev.threshold_notes[m]})" if not math.isfinite(thr) else ""))
+    del val_maps
+    for c in test:
+        maps = source.get(c, write_maps=True)
+        for m in methods:
+            ev.add(m, c, maps[m])
+        del maps
+    source.close()
+    if progress:
+        progress(f"[eval] {source.computed} map(s) computed in {source.seconds:.1f} s, {source.reused} reused")
+    ds = ev.finish({"run": str(run_dir), "profile": getattr(cfg, "profile", ""), "overlap": float(cfg.overlap),
+                    "seconds": round(time.perf_counter() - t_start, 2), "map_seconds": round(source.seconds, 2),
+                    "maps_computed": int(source.computed), "maps_reused": int(source.reused)})
+    from .results import save_results
+
+    save_results(ds, eval_dir / "metrics.nc")
+    if report:
+        write_report(run_dir, ds, evaluation_figures(run_dir, ds))
+    if not keep_cache:
+        shutil.rmtree(eval_dir / "cache", ignore_errors=True)
+    if progress:
+        progress(f"[eval] results: {eval_dir / 'metrics.nc'}" + (f", report: {eval_dir / 'report.html'}" if report else ""))
+    return ds
+
+
+# --------------------------------------------------------------------------- figures
+def _curve(ds, dataset: str, method: str, kind: str):
+    kx, ky = ("roc_fpr", "roc_tpr") if kind == "roc" else ("pro_fpr", "pro_overlap")
+    x = ds[kx].sel(dict(dataset=dataset, method=method)).values
+    y = ds[ky].sel(dict(dataset=dataset, method=method)).values
+    keep = np.isfinite(x) & np.isfinite(y)
+    return x[keep], y[keep]
+
+
+def curve_figures(ds) -> dict:
+    """Pooled ROC and PRO curves per dataset, one line per method (from the results alone)."""
+    from .viz import plots
+
+    out = {}
+    max_fpr = float(ds.attrs.get("max_fpr", 0.3))
+    for d in ds.dataset.values:
+        n = int(ds.n_cases.sel(dataset=d))
+        roc = {m: _curve(ds, d, m, "roc") for m in ds.method.values}
+        roc = {m: c for m, c in roc.items() if c[0].size}
+        if roc:
+            out[f"ROC curves · {d}"] = plots.roc_curves(roc, title=f"{d}: pooled voxel ROC over {n} test case(s)")
+        pro = {m: _curve(ds, d, m, "pro") for m in ds.method.values}
+        pro = {m: c for m, c in pro.items() if c[0].size}
+        if pro:
+            out[f"PRO curves · {d}"] = plots.pro_curves(pro, max_fpr=max_fpr,
+                                                        title=f"{d}: per-region overlap up to FPR {max_fpr:g}")
+    return out
+
+
+def scatter_figure(ds, x: str = "lesion_volume_ml", metric: str = "auroc"):
+    """Per-case ``metric`` against a case coordinate (lesion volume or contrast), one colour per method."""
+    import plotly.graph_objects as go
+
+    if x not in ds.coords:
+        raise InputError("scatter_figure(x)", f"a case coordinate among {sorted(k for k in ds.coords if ds[k].dims == ('case',))}", repr(x))
+    xs = np.asarray(ds[x].values, dtype=float)
+    titles = {"lesion_volume_ml": "lesion volume (ml)", "lesion_contrast": "lesion contrast (preprocessed intensity)",
+              "lesion_contrast_hu": "lesion contrast (HU)", "n_lesion_voxels": "lesion voxels"}
+    label = str(ds.metric_label.sel(metric=metric).values)
+    fig = go.Figure()
+    for m in ds.method.values:
+        ys = ds.per_case.sel(dict(method=m, metric=metric)).values
+        keep = np.isfinite(xs) & np.isfinite(ys)
+        text = [f"{c} ({k})" for c, k in zip(ds.case.values[keep], ds.lesion_kind.values[keep])]
+        fig.add_trace(go.Scatter(x=xs[keep], y=ys[keep], mode="markers", name=str(m), text=text,
+                                 hovertemplate="%{text}<br>x=%{x:.3g}<br>" + label + "=%{y:.3f}<extra>" + str(m) + "</extra>",
+                                 marker=dict(size=9, opacity=0.8)))
+    fig.update_layout(title=f"per-case {label} vs {titles.get(x, x)}", xaxis_title=titles.get(x, x),
+                      yaxis_title=label, height=420, margin=dict(l=60, r=20, t=50, b=40),
+                      xaxis_type="log" if x in ("lesion_volume_ml", "n_lesion_voxels") else "linear")
+    return fig
+
+
+def contrast_coordinate(ds) -> str:
+    """``lesion_contrast_hu`` when every case with a lesion has it (all phantoms), else the measured one."""
+    has = np.asarray(ds.n_lesion_voxels.values) > 0
+    hu = np.asarray(ds.lesion_contrast_hu.values, float)[has]
+    return "lesion_contrast_hu" if hu.size and np.isfinite(hu).all() else "lesion_contrast"
+
+
+def best_method(ds, metric: str = "auroc") -> str | None:
+    """The method with the highest pooled ``metric`` averaged over datasets (None if all undefined)."""
+    vals = ds.pooled.sel(metric=metric).values  # (dataset, method)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(vals, axis=0) if vals.size else np.array([])
+    if mean.size == 0 or not np.isfinite(mean).any():
+        return None
+    return str(ds.method.values[int(np.nanargmax(mean))])
+
+
+def lesion_slices(label: np.ndarray, per_case: int = 2) -> list[tuple[int, int, int, int]]:
+    """Largest 26-connected lesion components first: (i, j, k) of the component voxel nearest its
+    centroid (so the slice cuts the lesion even when it is not convex) and its size in voxels."""
+    from scipy import ndimage
+
+    lab = np.asarray(label) > 0
+    cc, n = ndimage.label(lab, ndimage.generate_binary_structure(3, 3))
+    if n == 0:
+        return []
+    sizes = np.bincount(cc.ravel())[1:]
+    out = []
+    for k in np.argsort(-sizes, kind="stable")[:per_case]:
+        vox = np.argwhere(cc == k + 1)
+        centre = vox[np.argmin(((vox - vox.mean(0)) ** 2).sum(1))]
+        out.append((int(centre[0]), int(centre[1]), int(centre[2]), int(sizes[k])))
+    return out
+
+
+def gallery_figure(run_dir: str | Path, ds, method: str | None = None, *, per_case: int = 2,
+                   max_panels: int = 24, cols: int = 3):
+    """Axial slices through the lesions (largest components first) with the GT outline and ``method``'s map.
+
+    ``method`` defaults to :func:`best_method`; the map is drawn from the validation
+    threshold up (so what is coloured is what the method calls lesion). Returns
+    None when no test case has both a lesion and a saved map.
+    """
+    from .data.cohort import load_case
+    from .viz import plots
+
+    run_dir = Path(run_dir)
+    method = method or best_method(ds)
+    if method is None:
+        return None
+    thr = float(ds.threshold.sel(dict(method=method)))
+    images, overlays, labels, titles, spacings = [], [], [], [], []
+    for cid in ds.case.values:
+        if len(images) >= max_panels:
+            break
+        path = run_dir / "eval" / "maps_pre" / method / f"{cid}.npy"
+        if not path.is_file():
+            continue
+        case = load_case(str(cid), run_dir)
+        if case.label is None or not np.any(case.label):
+            continue
+        amap = np.load(path).astype(np.float32)
+        auroc = float(ds.per_case.sel(dict(case=cid, method=method, metric="auroc")))
+        for i, j, k, size in lesion_slices(case.label, per_case):
+            if len(images) >= max_panels:
+                break
+            images.append(np.asarray(case.image[:, :, k]))
+            overlays.append(amap[:, :, k])
+            labels.append(np.asarray(case.label[:, :, k]))
+            spacings.append(case.spacing)
+            titles.append(f"{cid} z={k}, {size} vox, AUROC {auroc:.2f}")
+    if not images:
+        return None
+    if not math.isfinite(thr):
+        thr = float(np.nanpercentile(np.concatenate([o.ravel() for o in overlays]), 99))
+    return plots.slices_grid(images, titles, plane="axial", spacing=spacings, overlays=overlays, labels=labels,
+                             overlay_threshold=thr, cols=min(cols, len(images)), panel_height=320,
+                             title=f"lesions (green outline) and the {method} map above its validation threshold "
+                                   f"{thr:.3g}")
+
+
+def evaluation_figures(run_dir: str | Path, ds) -> dict:
+    """Every figure of the report: curves, scatters, gallery (heading -> plotly figure)."""
+    figs = curve_figures(ds)
+    if ds.sizes["case"]:
+        figs["AUROC vs lesion volume"] = scatter_figure(ds, "lesion_volume_ml")
+        figs["AUROC vs lesion contrast"] = scatter_figure(ds, contrast_coordinate(ds))
+    gallery = gallery_figure(run_dir, ds)
+    if gallery is not None:
+        figs["Gallery of lesions"] = gallery
+    return figs
+
+
+# --------------------------------------------------------------------------- the report
+_CSS = ("body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}"
+        "pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12px}.note{color:#555}")
+
+
+def _table_html(df, digits: int = 3) -> str:
+    return df.to_html(float_format=lambda v: f"{v:.{digits}f}", na_rep="", border=0)
+
+
+def pooled_frame(ds):
+    """``pooled`` as a DataFrame: rows (dataset, method), columns metric labels."""
+    import pandas as pd
+
+    rows = {}
+    for d in ds.dataset.values:
+        for m in ds.method.values:
+            rows[(str(d), str(m))] = ds.pooled.sel(dict(dataset=d, method=m)).values
+    df = pd.DataFrame.from_dict(rows, orient="index", columns=[str(v) for v in ds.metric_label.values])
+    df.index = pd.MultiIndex.from_tuples(df.index, names=["dataset", "method"]) if len(df) else df.index
+    return df
+
+
+def per_case_frame(ds, metric: str = "auroc"):
+    """One row per case: coordinates, ``metric`` per method, and the notes of undefined values."""
+    import pandas as pd
+
+    df = pd.DataFrame({k: ds[k].values for k in ("case_dataset", "lesion_kind", "n_lesion_voxels",
+                                                  "lesion_volume_ml", "lesion_contrast", "lesion_contrast_hu")},
+                      index=pd.Index(ds.case.values, name="case"))
+    for m in ds.method.values:
+        df[str(m)] = ds.per_case.sel(dict(method=m, metric=metric)).values
+    notes = ["; ".join(sorted({str(n) for n in ds.per_case_note.sel(case=c, metric=metric).values if str(n)}))
+             for c in ds.case.values]
+    df["note"] = notes
+    return df
+
+
+def write_report(run_dir: str | Path, ds, figures: Mapping[str, Any] | None = None) -> Path:
+    """``<run>/eval/report.html``: tables, figures, parameters, environment -- one self-contained file.
+
+    plotly.js is inlined once (with the first figure), nothing is fetched from
+    the network, so the file opens anywhere, offline.
+    """
+    import plotly.graph_objects as go
+    import plotly.offline
+
+    from .results import paper_table
+
+    run_dir = Path(run_dir)
+    figures = dict(figures or {})
+    esc = _html.escape
+    max_fpr = float(ds.attrs.get("max_fpr", 0.3))
+    parts = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8">',
+             f"<title>screener_nb evaluation: {esc(run_dir.name)}</title>", f"<style>{_CSS}</style>",
+             "</head><body>", f"<h1>Evaluation of run {esc(run_dir.name)}</h1>",
+             f"<p class='note'>{esc(str(run_dir))} &middot; screener_nb {esc(str(ds.attrs.get('version', '')))} "
+             f"&middot; {esc(str(ds.attrs.get('timestamp', '')))} &middot; profile {esc(str(ds.attrs.get('profile', '')))} "
+             f"&middot; {ds.sizes['case']} test case(s), {int(ds.attrs.get('n_val_cases', 0))} validation case(s)</p>",
+             "<h2>What the numbers mean</h2><ul>",
+             "<li><b>AUROC</b>: probability that a random lesion voxel scores higher than a random normal voxel "
+             "of the body (exact, over all voxels; pooled = one ROC over all voxels of a dataset's cases).</li>",
+             f"<li><b>AUROC@{max_fpr:g}</b>: area under the ROC for false-positive rates up to {max_fpr:g}, "
+             f"divided by {max_fpr:g} (the paper's normalisation; a random score gets {max_fpr / 2:g}, "
+             "not sklearn's McClish-corrected 0.5).</li>",
+             f"<li><b>AUPRO@{max_fpr:g}</b>: per-region overlap (each 3D lesion component counts once, whatever "
+             f"its size) integrated up to FPR {max_fpr:g}, divided by {max_fpr:g}.</li>",
+             f"<li><b>Dice</b>: overlap of <code>map &gt;= threshold</code> with the label, the threshold chosen on "
+             f"the validation cases ({esc(str(ds.attrs.get('threshold_rule', '')))}), never on the test case.</li>",
+             f"<li><b>best Dice (upper bound)</b>: {esc(BEST_DICE_NOTE)}</li></ul>"]
+    parts += ["<h2>Paper-style table</h2>",
+              "<p class='note'>Rows 'this run' are this run's pooled numbers on its own datasets; the paper's rows "
+              "(v1 Tables 2 and 3) are for reference only: other data (LIDC, MIDRC, KiTS, LiTS), other scale.</p>",
+              _table_html(paper_table(ds), 2)]
+    parts += ["<h2>Pooled metrics per dataset</h2>", _table_html(pooled_frame(ds))]
+    notes = [(str(d), str(m), str(k), str(ds.pooled_note.sel(dict(dataset=d, method=m, metric=k)).values))
+             for d in ds.dataset.values for m in ds.method.values for k in ds.metric.values]
+    notes = [n for n in notes if n[3]]
+    if notes:
+        parts.append("<p class='note'>Undefined pooled values: " +
+                     "; ".join(esc(f"{d}/{m}/{k}: {t}") for d, m, k, t in notes) + "</p>")
+    thr = {str(m): float(ds.threshold.sel(dict(method=m))) for m in ds.method.values}
+    parts += ["<h2>Dice thresholds (chosen on the validation cases)</h2><ul>"]
+    parts += [f"<li>{esc(m)}: {v:.5g}" + (f" ({esc(str(ds.threshold_note.sel(dict(method=m)).values))})" if not
+                                           math.isfinite(v) else "") + "</li>" for m, v in thr.items()]
+    parts.append("</ul>")
+    first = True
+    if figures:
+        parts.append("<h2>Figures</h2>")
+    for heading, fig in figures.items():
+        parts.append(f"<h3>{esc(str(heading))}</h3>")
+        parts.append(go.Figure(fig).to_html(full_html=False, include_plotlyjs=first, config={"responsive": True}))
+        first = False
+    if first:  # no figure: still ship plotly.js so the page's format does not depend on the results
+        parts.append(f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script>")
+    parts += ["<h2>Per-case AUROC</h2>", _table_html(per_case_frame(ds))]
+    for name, title in (("params.yaml", "Run parameters (params.yaml)"), ("run.json", "Environment and stage timings (run.json)")):
+        path = run_dir / name
+        text = path.read_text() if path.is_file() else "(not found: the run was not started by the runner)"
+        parts += [f"<h2>{esc(title)}</h2>", f"<pre>{esc(text)}</pre>"]
+    attrs = {k: ds.attrs[k] for k in sorted(ds.attrs)}
+    parts += ["<h2>Evaluation attributes</h2>", f"<pre>{esc(json.dumps(attrs, indent=1, default=str))}</pre>",
+              "</body></html>"]
+    return files.write_text(run_dir / "eval" / "report.html", "\n".join(parts))
+
+
+__all__ = ["METRICS", "Evaluation", "JointDensityScorer", "MapSource", "ZScoreBaseline", "available_methods", "best_method", "curve_figures",
+           "evaluate_maps", "evaluation_figures", "gallery_figure", "lesion_coords", "make_scorer", "metric_labels",
+           "resolve_methods", "run_evaluation", "scatter_figure", "write_report", "zscore_baseline"]

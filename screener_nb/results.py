@@ -1,0 +1,346 @@
+"""Evaluation results: save / load ``eval/metrics.nc``, the paper-style table, ``compare``, maps for the viewer.
+
+* :func:`save_results` / :func:`load_results`: the ``xr.Dataset`` of
+  :mod:`screener_nb.evaluate` (layout in its docstring) as netCDF (h5netcdf
+  engine), written atomically; loading checks it is ours.
+* :data:`PAPER_TABLE2`, :data:`PAPER_TABLE3` and :func:`paper_table`: our pooled
+  numbers in the layout of the paper's Tables 2-3, with the paper's numbers
+  alongside -- for reference only: they are on LIDC, MIDRC, KiTS and LiTS
+  after 300k training steps on ~32k CTs, not on this run's data.
+* :func:`main_compare`: ``python -m screener_nb compare runs/a runs/b [--html f]``.
+* :func:`load_case_maps`: one evaluated case with every method's map, for
+  :func:`screener_nb.viz.viewer.explore` (``set_run_loader(load_case_maps)``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import files
+from .errors import ConfigError, InputError
+
+RESULTS_FILE = "metrics.nc"
+REQUIRED_VARIABLES = ("per_case", "pooled", "threshold")
+PAPER_DATASETS = ("LIDC", "MIDRC", "KiTS", "LiTS")
+SOURCE_RUN = "this run"
+SOURCE_TABLE2 = "paper Table 2 (other data)"
+SOURCE_TABLE3 = "paper Table 3, ablation (other data)"
+
+
+def _paper_frame(rows: dict[str, dict[str, Sequence[float]]]) -> pd.DataFrame:
+    cols = pd.MultiIndex.from_tuples([(m, d) for m in next(iter(rows.values())) for d in PAPER_DATASETS],
+                                     names=["metric", "dataset"])
+    data = [[v for m in r for v in r[m]] for r in rows.values()]
+    return pd.DataFrame(data, index=pd.Index(list(rows), name="method"), columns=cols)
+
+
+#: v1 Table 2 (METHOD.md): AUROC | AUROC@0.3 | AUPRO@0.3 on LIDC, MIDRC, KiTS, LiTS.
+PAPER_TABLE2 = _paper_frame({
+    "Autoencoder": {"auroc": (.71, .65, .66, .68), "pauroc": (.31, .21, .24, .25), "aupro": (.59, .24, .26, .37)},
+    "f-AnoGAN": {"auroc": (.82, .66, .67, .67), "pauroc": (.52, .21, .24, .22), "aupro": (.46, .18, .24, .22)},
+    "DRAEM": {"auroc": (.63, .72, .82, .83), "pauroc": (.21, .31, .50, .51), "aupro": (.17, .20, .50, .57)},
+    "MOOD-Top1": {"auroc": (.79, .79, .77, .80), "pauroc": (.43, .43, .40, .46), "aupro": (.32, .29, .40, .32)},
+    "MSFlow": {"auroc": (.70, .66, .64, .64), "pauroc": (.26, .20, .18, .17), "aupro": (.21, .14, .19, .17)},
+    "Screener": {"auroc": (.96, .87, .90, .93), "pauroc": (.88, .64, .68, .80), "aupro": (.65, .40, .67, .63)},
+})
+
+#: v1 Table 3 (ablation, VICReg d32), AUROC only; index = the paper's wording.
+PAPER_TABLE3 = _paper_frame({
+    "no condition + Gaussian": {"auroc": (.81, .81, .61, .71)},
+    "sin-cos + Gaussian": {"auroc": (.82, .80, .74, .77)},
+    "masking-invariant + Gaussian": {"auroc": (.96, .84, .87, .90)},
+    "no condition + flow": {"auroc": (.96, .89, .88, .93)},
+    "masking-invariant + flow": {"auroc": (.96, .87, .90, .93)},
+})
+
+#: our method name -> the paper's Table 3 row (learned-flow is also Table 2's "Screener").
+TABLE3_METHODS = {
+    "none-gaussian": "no condition + Gaussian",
+    "sincos-gaussian": "sin-cos + Gaussian",
+    "learned-gaussian": "masking-invariant + Gaussian",
+    "none-flow": "no condition + flow",
+    "learned-flow": "masking-invariant + flow",
+}
+
+
+# --------------------------------------------------------------------------- save / load
+def save_results(ds, path: str | Path) -> Path:
+    """Write the results Dataset as netCDF (h5netcdf) atomically: a tmp file, then a rename."""
+    path = Path(path)
+    with files.atomic_path(path) as tmp:
+        ds.to_netcdf(tmp, engine="h5netcdf")
+    return path
+
+
+def _results_path(run_dir: str | Path) -> Path:
+    p = Path(run_dir)
+    if p.is_file():
+        return p
+    if (p / RESULTS_FILE).is_file():  # the eval folder itself
+        return p / RESULTS_FILE
+    return p / "eval" / RESULTS_FILE
+
+
+def load_results(run_dir: str | Path):
+    """The evaluation results of a run (``<run>/eval/metrics.nc``; a run dir, its eval dir or the file).
+
+    Raises:
+        InputError: no such run, no results (the evaluate stage has not run), or a
+            file that is not screener_nb's evaluation results.
+    """
+    import xarray as xr
+
+    from .evaluate import RESULTS_FORMAT
+
+    p = Path(run_dir)
+    if not p.exists():
+        raise InputError(run_dir, "a run directory", "no such file or directory")
+    path = _results_path(p)
+    if not path.is_file():
+        raise InputError(run_dir, f"evaluation results ({Path('eval') / RESULTS_FILE})",
+                         "none: run the evaluate stage first (notebook 06 or "
+                         "`python -m screener_nb run --stages evaluate`)")
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as f:
+            ds = f.load()
+    except Exception as e:  # h5py / netCDF parse errors of a foreign or truncated file
+        raise InputError(path, "a netCDF file written by screener_nb's evaluate stage",
+                         f"an unreadable file ({type(e).__name__}: {e})") from e
+    fmt = ds.attrs.get("format")
+    missing = [v for v in REQUIRED_VARIABLES if v not in ds.variables]
+    if fmt != RESULTS_FORMAT or missing:
+        raise InputError(path, f"screener_nb evaluation results (attribute format={RESULTS_FORMAT!r}, variables "
+                         f"{', '.join(REQUIRED_VARIABLES)})",
+                         f"format={fmt!r}, variables {sorted(map(str, ds.data_vars))}")
+    return ds
+
+
+# --------------------------------------------------------------------------- the paper-style table
+def paper_table(ds, *, include_paper: bool = True) -> pd.DataFrame:
+    """Pooled metrics in the layout of the paper's Tables 2-3, the paper's numbers alongside.
+
+    Rows: ``(source, method)``: this run's methods, then (``include_paper``) the
+    paper's Table 2 methods and Table 3 ablation rows (named "<paper wording>
+    [<our method>]"). Columns: ``(metric, dataset)`` with the metric's display
+    label (AUROC, AUROC@0.3, AUPRO@0.3, Dice, best Dice (upper bound)); this
+    run's datasets first, then LIDC, MIDRC, KiTS, LiTS for the paper's rows.
+    Empty cells are NaN. The paper's numbers are on other data: a reference
+    for the order of magnitude and the ranking, not a target.
+    """
+    from .evaluate import METRICS, metric_labels
+
+    labels = dict(zip(METRICS, (str(v) for v in ds.metric_label.values))) if "metric_label" in ds.coords else \
+        dict(zip(METRICS, metric_labels(float(ds.attrs.get("max_fpr", 0.3)))))
+    paper_labels = dict(zip(METRICS, metric_labels(0.3)))
+    ours = [str(d) for d in ds.dataset.values]
+    columns: list[tuple[str, str]] = []
+    for k in METRICS:
+        columns += [(labels[k], d) for d in ours]
+        if include_paper and k in ("auroc", "pauroc", "aupro"):
+            columns += [(paper_labels[k], d) for d in PAPER_DATASETS if (paper_labels[k], d) not in columns]
+    # keep one block per metric label (labels differ when this run's max_fpr is not 0.3)
+    order = list(dict.fromkeys(c[0] for c in columns))
+    columns = [c for lab in order for c in columns if c[0] == lab]
+    rows: dict[tuple[str, str], dict] = {}
+    for m in ds.method.values:
+        rows[(SOURCE_RUN, str(m))] = {(labels[k], str(d)): float(ds.pooled.sel(dict(dataset=d, method=m, metric=k)))
+                                      for k in METRICS for d in ds.dataset.values}
+    if include_paper:
+        for name, r in PAPER_TABLE2.iterrows():
+            rows[(SOURCE_TABLE2, name)] = {(paper_labels[k], d): v for (k, d), v in r.items()}
+        ours_of = {v: k for k, v in TABLE3_METHODS.items()}
+        for name, r in PAPER_TABLE3.iterrows():
+            rows[(SOURCE_TABLE3, f"{name} [{ours_of[name]}]")] = {(paper_labels[k], d): v for (k, d), v in r.items()}
+    df = pd.DataFrame([[row.get(c, math.nan) for c in columns] for row in rows.values()],
+                      index=pd.MultiIndex.from_tuples(list(rows), names=["source", "method"]),
+                      columns=pd.MultiIndex.from_tuples(columns, names=["metric", "dataset"]))
+    return df
+
+
+def styled(df: pd.DataFrame, digits: int = 2):
+    """A notebook display of a results table: ``digits`` decimals, empty cells blank."""
+    return df.style.format(precision=digits, na_rep="")
+
+
+# --------------------------------------------------------------------------- compare
+def compare_frame(results: dict[str, Any]) -> pd.DataFrame:
+    """Pooled metrics of several runs: rows (dataset, method), column groups per run, then differences.
+
+    ``results``: run name -> results Dataset (first = reference). Difference groups
+    are named "<run> - <first run>".
+    """
+    from .evaluate import METRICS
+
+    names = list(results)
+    first = results[names[0]]
+    labels = [str(v) for v in first.metric_label.values] if "metric_label" in first.coords else list(METRICS)
+    keys: list[tuple[str, str]] = []
+    for ds in results.values():
+        keys += [(str(d), str(m)) for d in ds.dataset.values for m in ds.method.values]
+    keys = list(dict.fromkeys(keys))
+
+    def values(ds, d, m):
+        if d in ds.dataset.values and m in ds.method.values:
+            return [float(ds.pooled.sel(dict(dataset=d, method=m, metric=k))) for k in METRICS]
+        return [math.nan] * len(METRICS)
+
+    blocks = {n: np.array([values(ds, d, m) for d, m in keys]).reshape(len(keys), len(METRICS))
+              for n, ds in results.items()}
+    data, cols = [], []
+    for n in names:
+        data.append(blocks[n])
+        cols += [(n, lab) for lab in labels]
+    for n in names[1:]:
+        data.append(blocks[n] - blocks[names[0]])
+        cols += [(f"{n} - {names[0]}", lab) for lab in labels]
+    return pd.DataFrame(np.concatenate(data, axis=1) if data else None,
+                        index=pd.MultiIndex.from_tuples(keys, names=["dataset", "method"]),
+                        columns=pd.MultiIndex.from_tuples(cols, names=["run", "metric"]))
+
+
+def compare_figure(results: dict[str, Any]):
+    """Grouped bars: one panel per metric, bars per run, x = dataset/method."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from .evaluate import METRICS
+
+    df = compare_frame(results)
+    names = list(results)
+    labels = list(dict.fromkeys(c[1] for c in df.columns))
+    x = [f"{d} / {m}" for d, m in df.index]
+    fig = make_subplots(rows=len(METRICS), cols=1, shared_xaxes=True, subplot_titles=labels, vertical_spacing=0.04)
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    for r, lab in enumerate(labels, start=1):
+        for i, n in enumerate(names):
+            fig.add_trace(go.Bar(x=x, y=df[(n, lab)].values, name=n, legendgroup=n, showlegend=r == 1,
+                                 marker_color=palette[i % len(palette)]), row=r, col=1)
+        fig.update_yaxes(range=[0, 1], row=r, col=1)
+    fig.update_layout(barmode="group", height=230 * len(labels) + 80, title="pooled metrics per run",
+                      margin=dict(l=60, r=20, t=70, b=120))
+    return fig
+
+
+def main_compare(runs: list[str], html: str | None = None) -> int:
+    """``python -m screener_nb compare runs/a runs/b [...] [--html out.html]``: print (and plot) side by side.
+
+    Raises InputError naming the run when one has no (valid) results.
+    """
+    if len(runs) < 2:
+        raise ConfigError(f"compare: expected two or more run directories, found {len(runs)}: {runs}")
+    if len(set(map(str, runs))) != len(runs):
+        raise ConfigError(f"compare: a run is given twice in {runs}")
+    short = [Path(r).name or str(r) for r in runs]
+    names = short if len(set(short)) == len(short) else [str(r) for r in runs]  # column groups
+    results = {name: load_results(r) for name, r in zip(names, runs)}
+    for (name, ds), r in zip(results.items(), runs):
+        print(f"{name} = {r}: profile {ds.attrs.get('profile') or '?'}, {ds.sizes['case']} test case(s), "
+              f"methods {', '.join(map(str, ds.method.values))}, evaluated {ds.attrs.get('timestamp', '?')}")
+    fprs = {n: float(ds.attrs.get("max_fpr", math.nan)) for n, ds in results.items()}
+    if len(set(fprs.values())) > 1:
+        print(f"note: the runs use different max_fpr ({fprs}); partial metrics are not comparable")
+    df = compare_frame(results)
+    with pd.option_context("display.width", 250, "display.max_columns", None):
+        print(df.to_string(float_format=lambda v: f"{v:.3f}", na_rep="-"))
+    if html:
+        from .viz.plots import to_html
+
+        path = to_html(compare_figure(results), html, title=f"compare: {' vs '.join(results)}")
+        print(f"figure: {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- maps for the viewer
+@dataclass
+class CaseMaps:
+    """One evaluated case on its preprocessed grid, with every method's anomaly map.
+
+    Attributes: id, dataset, image (X, Y, Z) in [0, 1], body (bool), label (uint8 or None),
+    spacing (mm), anomaly_maps (method -> float32 (X, Y, Z)), thresholds (method -> Dice
+    threshold chosen on the validation cases, when the results are there).
+    """
+
+    id: str
+    dataset: str
+    image: np.ndarray
+    body: np.ndarray
+    label: np.ndarray | None
+    spacing: tuple[float, float, float]
+    anomaly_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+
+def _run_dir_of(path: str | Path) -> Path:
+    p = Path(path)
+    if p.name == "eval" and (p / "maps_pre").is_dir():
+        return p.parent
+    return p
+
+
+def load_case_maps(run_dir: str | Path, case_id: str | None = None, methods: str | Sequence[str] | None = None) -> CaseMaps:
+    """A test case of an evaluated run with its maps from ``eval/maps_pre`` (the viewer's run loader).
+
+    Args:
+        run_dir: the run (or its ``eval`` folder).
+        case_id: a case id; None or "" -> the first test case.
+        methods: None -> every method with a map of this case; else names (list or comma string).
+    """
+    from .data.cohort import load_case, load_cohort
+
+    run = _run_dir_of(run_dir)
+    if not run.is_dir():
+        raise InputError(run_dir, "a run directory", "no such directory")
+    if not case_id:
+        test = load_cohort(run, role="test")
+        if not test:
+            raise InputError(run / "data" / "index.json", "at least one test case", "none")
+        case = test[0]
+    else:
+        case = load_case(str(case_id), run)
+    pre_dir = run / "eval" / "maps_pre"
+    have = sorted(p.parent.name for p in pre_dir.glob(f"*/{case.id}.npy"))
+    thresholds = {}
+    try:
+        ds = load_results(run)
+        order = [str(m) for m in ds.method.values]
+        have = [m for m in order if m in have] + [m for m in have if m not in order]
+        thresholds = {str(m): float(ds.threshold.sel(dict(method=m))) for m in ds.method.values}
+    except InputError:
+        pass
+    if not have:
+        raise InputError(pre_dir, f"anomaly maps of case {case.id} (run the evaluate stage, notebook 06)", "none")
+    if methods is None:
+        chosen = have
+    else:
+        chosen = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+        unknown = [m for m in chosen if m not in have]
+        if unknown:
+            raise InputError(pre_dir, f"methods among {', '.join(have)} for case {case.id}", ", ".join(unknown))
+    maps = {}
+    for m in chosen:
+        path = pre_dir / m / f"{case.id}.npy"
+        try:
+            arr = np.load(path)
+        except (ValueError, OSError) as e:
+            raise InputError(path, "a readable .npy anomaly map", f"a corrupt file ({type(e).__name__}: {e})") from e
+        if arr.shape != case.shape:
+            raise InputError(path, f"a map of the case's preprocessed shape {case.shape}", f"shape {arr.shape}")
+        maps[m] = arr.astype(np.float32)
+    return CaseMaps(id=case.id, dataset=case.dataset, image=np.asarray(case.image), body=np.asarray(case.body, bool),
+                    label=None if case.label is None else np.asarray(case.label), spacing=tuple(case.spacing),
+                    anomaly_maps=maps, thresholds={m: thresholds[m] for m in chosen if m in thresholds})
+
+
+def viewer_loader(path: Path, case: str | None = None) -> CaseMaps:
+    """``loader(path, case)`` for :func:`screener_nb.viz.viewer.set_run_loader`."""
+    return load_case_maps(path, case or None)
+
+
+__all__ = ["PAPER_TABLE2", "PAPER_TABLE3", "TABLE3_METHODS", "CaseMaps", "compare_figure", "compare_frame",
+           "load_case_maps", "load_results", "main_compare", "paper_table", "save_results", "styled",
+           "viewer_loader"]
