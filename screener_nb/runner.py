@@ -113,7 +113,9 @@ def execute_stage(stage: str, run_dir: Path, params: dict[str, Any], *, timeout:
     nb.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
     out = run_dir / "notebooks" / f"{src.stem}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.environ["SCREENER_HEADLESS"] = "1"  # the kernel inherits it: no widgets, no viewer, sparse progress
+    # the kernel inherits it (no viewer widgets, sparse progress); this process gets its old value back
+    previous = os.environ.get("SCREENER_HEADLESS")
+    os.environ["SCREENER_HEADLESS"] = "1"
     try:
         pm.execute_notebook(
             nb, str(out), parameters=params, kernel_name="python3", cwd=str(src.parent),
@@ -124,6 +126,11 @@ def execute_stage(stage: str, run_dir: Path, params: dict[str, Any], *, timeout:
             f"stage {stage} ({src.name}) failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
             f"  executed notebook with the full traceback: {out}"
         ) from None
+    finally:
+        if previous is None:
+            os.environ.pop("SCREENER_HEADLESS", None)
+        else:
+            os.environ["SCREENER_HEADLESS"] = previous
     return out
 
 
