@@ -33,15 +33,15 @@ profile = "quick"  # quick | demo | full
 run_dir = None  # run directory shared by all stages (None: $SCREENER_RUN_DIR, else runs/<profile>)
 device = "auto"  # auto | cpu | cuda (unused here)
 seed = 0  # random seed: phantoms are a pure function of it
-dataset = None  # phantoms | samples | phantoms+samples | a manifest name (None = profile default)
-n_train = None  # healthy phantom cases for training (None = profile default)
+dataset = None  # cohort: phantoms, samples, manifest names, joined with + (None: profile default)
+n_train = None  # healthy phantom cases for training (None: profile default)
 n_val = None  # phantom cases with lesions used to choose thresholds
 n_test = None  # phantom cases with lesions for evaluation
 phantom_shape = None  # phantom grid (X, Y, Z) voxels
 phantom_spacing = None  # phantom voxel size (mm)
 target_spacing = None  # preprocessed voxel size (mm), paper (1.5, 1.5, 2.25)
 clahe = None  # apply 3D CLAHE
-max_cases = None  # cap on real cases read (0 = all)
+max_cases = None  # cap on real cases read (0: all)
 
 # %%
 from screener_nb import config

@@ -29,7 +29,7 @@ profile = "quick"  # quick | demo | full
 run_dir = None  # run directory shared by all stages (None: $SCREENER_RUN_DIR, else runs/<profile>)
 device = "auto"  # auto | cpu | cuda
 seed = 0  # random seed
-steps = None  # optimiser steps (None = profile default)
+steps = None  # optimiser steps (None: profile default)
 batch = None  # crop pairs per step
 model_size = None  # UNet size: tiny | small | paper
 embed_dim = None  # condition channels (paper 32)

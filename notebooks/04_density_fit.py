@@ -29,7 +29,7 @@ profile = "quick"  # quick | demo | full
 run_dir = None  # run directory shared by all stages (None: $SCREENER_RUN_DIR, else runs/<profile>)
 device = "auto"  # auto | cpu | cuda
 seed = 0  # random seed
-conditions = None  # comma-separated: none, sincos, learned (None = all three)
+conditions = None  # comma-separated: none, sincos, learned (None: all three)
 densities = None  # comma-separated: gaussian, flow
 steps = None  # optimiser steps per density model
 batch = None  # crops per step (paper 4)
