@@ -124,7 +124,7 @@ pd.Series(held_out, name="MSE on held-out crops (normalised units)").round(4)
 
 # %% papermill_description=student-vs-teacher
 from screener_nb import files
-from screener_nb.distill import student_vs_teacher, summary_table
+from screener_nb.student_eval import student_vs_teacher, summary_table
 
 comparison = student_vs_teacher(cfg.run_dir, test_cases, cfg.device, teacher=cfg.teacher, overlap=overlap,
                                 repeats=1 if cfg.profile == "quick" else 2, return_maps=True)
@@ -210,7 +210,7 @@ fig
 # roles); on your own data, the labelled cases of your manifest.
 
 # %% papermill_description=finetune
-from screener_nb.distill import finetune_cases, finetune_cv
+from screener_nb.finetune import finetune_cases, finetune_cv
 
 labelled = finetune_cases(cfg.run_dir)
 print(f"{len(labelled)} labelled cases: {', '.join(c.id for c in labelled)}")

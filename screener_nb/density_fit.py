@@ -1,12 +1,15 @@
 """The density stage (notebook 04): fit q(y | c) on frozen encoders.
 
 For every requested condition (``none``, ``sincos``, ``learned``) and density
-(``gaussian``, ``flow``) a model is trained through the shared loop on random
-crops of the training cases: descriptor and condition maps are average-pooled
-with stride (3, 3, 2), N(0, 0.1^2) noise is added to both during training
-only, and the loss is the mean NLL over all grid positions (METHOD.md).
+(``gaussian``, ``flow``) a model is trained on random crops of the training
+cases: descriptor and condition maps are average-pooled with stride (3, 3, 2),
+N(0, 0.1^2) noise is added to both during training only, and the loss is the
+mean NLL over all grid positions (METHOD.md). All models train side by side
+through the shared loop (:class:`DensityEnsemble`): one encoder pass per step
+serves them all.
 
-Artifacts: ``runs/<run>/density/<condition>-<density>/{model.json, checkpoint.pt, train_log.csv}``.
+Artifacts: ``runs/<run>/density/<condition>-<density>/{model.json, checkpoint.pt, train_log.csv}``
+and ``density/joint_fit/`` (the ensemble's checkpoint and log, for resuming).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from . import files
 from .config import split_list
 from .errors import InputError
 from .inference import FeatureExtractor, check_method, method_name
-from .train import TrainSettings, fit, load_checkpoint
+from .train import CHECKPOINT, LOG, TrainSettings, read_log_rows, write_log_rows, fit, load_checkpoint, model_signature
 
 
 def random_crop(image: np.ndarray, body: np.ndarray, patch, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -40,11 +43,68 @@ def random_crop(image: np.ndarray, body: np.ndarray, patch, rng: np.random.Gener
     return crop, start
 
 
-class DensityTask:
-    """:class:`screener_nb.train.TrainTask` for a density model on frozen features."""
+class SharedFeatures(nn.Module):
+    """One pass of the frozen encoders -> pooled descriptor y and every requested condition.
 
-    def __init__(self, cases: list, extractor: FeatureExtractor, patch, noise_std: float = 0.1):
-        self.cases, self.extractor, self.patch, self.noise_std = cases, extractor, tuple(patch), noise_std
+    ``forward(x (B,1,X,Y,Z), origin_mm (B,3)) -> (y (B,D,x,y,z), {condition: c (B,C,x,y,z) | None})``.
+    The descriptor runs once whatever the number of conditions; the condition
+    encoder runs once when ``learned`` is requested; ``sincos`` codes cost nothing.
+    """
+
+    def __init__(self, run_dir: Path, conditions, spacing, pool_stride, sincos_dim, device="cpu"):
+        super().__init__()
+        self.conditions = list(conditions)
+        self.base = _extractor(run_dir, "learned" if "learned" in self.conditions else "none", spacing,
+                               pool_stride, sincos_dim, device)
+        # per-condition views sharing the base's encoders (no copies): their dims go in model.json
+        self.views = {c: FeatureExtractor(self.base.descriptor, c, self.base.condition_encoder, spacing,
+                                          pool_stride, sincos_dim) for c in self.conditions}
+
+    def forward(self, x: torch.Tensor, origin_mm: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        y, learned = self.base(x, origin_mm)
+        conds = {"none": None, "learned": learned}
+        if "sincos" in self.conditions:
+            conds["sincos"] = self.base.sincos(origin_mm, tuple(y.shape[2:])).to(y.device, y.dtype)
+        return y, {c: conds[c] for c in self.conditions}
+
+
+class DensityEnsemble(nn.Module):
+    """The density models of a run, fitted side by side on the same crops.
+
+    Why together: every model of the ablation sits on the same frozen
+    descriptor (and the ``learned`` ones on the same condition encoder);
+    fitted one after the other, six models would run the encoders six times
+    per step. Here one encoder pass serves all of them, while each model keeps
+    its own parameters, AdamW state, training noise and gradient clipping
+    (:meth:`clip_groups`), so its updates are those of a separate fit on the
+    same crops (tested).
+
+    ``forward(ys {name: (B,D,x,y,z)}, cs {name: (B,C,x,y,z) | None}) -> {name: log q (B,x,y,z)}``.
+    """
+
+    def __init__(self, densities: dict, conditions: dict):
+        super().__init__()
+        self.densities = nn.ModuleDict(densities)
+        self.conditions = dict(conditions)
+        self.config = {name: getattr(d, "config", None) for name, d in densities.items()}
+
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        return [list(d.parameters()) for d in self.densities.values()]
+
+    def forward(self, ys: dict, cs: dict) -> dict:
+        return {name: d.log_prob(ys[name], cs[name]) for name, d in self.densities.items()}
+
+
+class DensityTask:
+    """:class:`screener_nb.train.TrainTask` for a :class:`DensityEnsemble` on frozen features.
+
+    The loss is the sum over models of each one's mean NLL (their parameters
+    are disjoint, so each model's gradient is that of its own loss).
+    """
+
+    def __init__(self, cases: list, features: SharedFeatures, conditions: dict, patch, noise_std: float = 0.1):
+        self.cases, self.features, self.patch, self.noise_std = cases, features, tuple(patch), noise_std
+        self.conditions = dict(conditions)  # model name -> condition kind
 
     def sample(self, rng: np.random.Generator) -> dict:
         case = self.cases[int(rng.integers(len(self.cases)))]
@@ -54,14 +114,20 @@ class DensityTask:
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         x = batch["x"]
-        self.extractor.to(x.device)
+        self.features.to(x.device)
         with torch.no_grad():
-            y, c = self.extractor(x.float(), batch["origin"])
-            y = y + self.noise_std * torch.randn_like(y)
-            if c is not None:
-                c = c + self.noise_std * torch.randn_like(c)
-        nll = -model(y.float(), None if c is None else c.float()).mean()
-        return nll, {"nll_per_dim": nll.item() / y.shape[1]}
+            y, conds = self.features(x.float(), batch["origin"])
+            ys, cs = {}, {}
+            for name, kind in self.conditions.items():  # independent noise per model, as in a separate fit
+                ys[name] = (y + self.noise_std * torch.randn_like(y)).float()
+                c = conds[kind]
+                cs[name] = None if c is None else (c + self.noise_std * torch.randn_like(c)).float()
+        nll = {name: -lp.mean() for name, lp in model(ys, cs).items()}
+        logs = {}
+        for name, v in nll.items():
+            logs[f"nll_{name}"] = v.item()
+            logs[f"nll_per_dim_{name}"] = v.item() / y.shape[1]
+        return sum(nll.values()), logs
 
 
 class _LogProb(nn.Module):
@@ -98,8 +164,18 @@ def _extractor(run_dir: Path, condition: str, spacing, pool_stride, sincos_dim, 
     return FeatureExtractor(descriptor, condition, cond_enc, spacing, pool_stride, sincos_dim).to(device).eval()
 
 
+JOINT_DIR = "joint_fit"  # checkpoint + log of the ensemble (resume); each model is exported to <condition>-<density>/
+
+
 def fit_densities(cfg: Any, *, callback: Callable[[str, dict], None] | None = None) -> dict[str, Path]:
-    """Train every (condition, density) pair the config asks for; return their folders."""
+    """Fit every (condition, density) pair the config asks for, side by side; return their folders.
+
+    The ensemble trains through the shared loop in ``density/joint_fit/``
+    (checkpointed, resumable); when it is done each model is written to its own
+    folder (``model.json``, ``checkpoint.pt``, ``train_log.csv`` with ``loss`` and
+    ``nll_per_dim`` of that model), which :func:`load_density` reads.
+    ``callback(name, row)`` receives every model's log rows as they come.
+    """
     from .data.cohort import load_cohort, read_index
 
     run_dir = Path(cfg.run_dir)
@@ -107,24 +183,53 @@ def fit_densities(cfg: Any, *, callback: Callable[[str, dict], None] | None = No
     if not cases:
         raise InputError(run_dir / "data", "at least one training case", "none")
     spacing = tuple(read_index(run_dir)["preprocess"]["spacing"])
-    out = {}
+    methods = {}
     for condition in split_list(cfg.conditions):
-        extractor = _extractor(run_dir, condition, spacing, cfg.pool_stride, cfg.sincos_dim)
         for density in split_list(cfg.densities):
             check_method(condition, density)
-            name = method_name(condition, density)
-            folder = files.stage_dir(run_dir, "density") / name
-            spec = {"condition": condition, "density": density, "dim": extractor.dim, "cond_dim": extractor.cond_dim,
-                    "flow_depth": cfg.flow_depth, "flow_hidden": cfg.flow_hidden, "patch": list(cfg.patch),
-                    "pool_stride": list(cfg.pool_stride), "sincos_dim": cfg.sincos_dim, "spacing": list(spacing)}
-            files.write_json(folder / "model.json", spec)
-            torch.manual_seed(cfg.seed)
-            model = _LogProb(build_density_model(spec))
-            cb = (lambda row, name=name: callback(name, row)) if callback else None
-            fit(model, DensityTask(cases, extractor, cfg.patch, cfg.noise_std), TrainSettings.from_config(cfg),
-                folder, callback=cb, desc=f"density {name}")
-            out[name] = folder
+            methods[method_name(condition, density)] = (condition, density)
+    if not methods:
+        raise InputError("density parameters", "at least one condition and one density", f"conditions={cfg.conditions!r}, densities={cfg.densities!r}")
+    features = SharedFeatures(run_dir, dict.fromkeys(c for c, _ in methods.values()), spacing, cfg.pool_stride,
+                              cfg.sincos_dim)
+    stage = files.stage_dir(run_dir, "density")
+    specs, densities = {}, {}
+    for name, (condition, density) in methods.items():
+        view = features.views[condition]
+        specs[name] = {"condition": condition, "density": density, "dim": view.dim, "cond_dim": view.cond_dim,
+                       "flow_depth": cfg.flow_depth, "flow_hidden": cfg.flow_hidden, "patch": list(cfg.patch),
+                       "pool_stride": list(cfg.pool_stride), "sincos_dim": cfg.sincos_dim, "spacing": list(spacing)}
+        torch.manual_seed(cfg.seed)  # each model starts as it would in a fit of its own
+        densities[name] = build_density_model(specs[name])
+    ensemble = DensityEnsemble(densities, {n: c for n, (c, _) in methods.items()})
+
+    def split_row(row: dict) -> None:
+        for name in methods:
+            callback(name, _model_row(row, name))
+
+    settings = TrainSettings.from_config(cfg)
+    fit(ensemble, DensityTask(cases, features, ensemble.conditions, cfg.patch, cfg.noise_std), settings,
+        stage / JOINT_DIR, callback=split_row if callback else None, desc="density")
+    joint = load_checkpoint(stage / JOINT_DIR)
+    rows = read_log_rows(stage / JOINT_DIR / LOG)
+    out = {}
+    for name, density in ensemble.densities.items():
+        folder = stage / name
+        wrapped = _LogProb(density)
+        files.write_json(folder / "model.json", specs[name])
+        files.torch_save({"model": wrapped.state_dict(), "signature": model_signature(wrapped),
+                          "step": joint["step"], "settings": joint["settings"], "fitted_with": sorted(methods)},
+                         folder / CHECKPOINT)
+        write_log_rows(folder / LOG, [_model_row(r, name) for r in rows])
+        out[name] = folder
     return out
+
+
+def _model_row(row: dict, name: str) -> dict:
+    """One model's view of an ensemble log row: its own NLL as ``loss`` and ``nll_per_dim``."""
+    shared = {k: v for k, v in row.items() if k != "loss" and not k.startswith("nll_")}
+    return {"step": row["step"], "loss": row[f"nll_{name}"], "nll_per_dim": row[f"nll_per_dim_{name}"],
+            **{k: v for k, v in shared.items() if k != "step"}}
 
 
 def load_density(run_dir: str | Path, condition: str, density: str, device: str | torch.device = "cpu"):

@@ -534,7 +534,7 @@ def evaluate_maps(maps_by_method: Mapping[str, Mapping[str, Any]], cases: Sequen
         ev.set_threshold(method, [vm[str(c.id)] for c in vcases], vcases)
         for c in cases:
             if str(c.id) not in maps:
-                raise InputError(f"maps of {method}", f"a map for every test case", f"none for case {c.id}")
+                raise InputError(f"maps of {method}", "a map for every test case", f"none for case {c.id}")
             ev.add(method, c, maps[str(c.id)])
     return ev.finish(attrs)
 

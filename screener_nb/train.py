@@ -232,7 +232,7 @@ def load_checkpoint(out_dir: str | Path, model: nn.Module | None = None) -> dict
     return ckpt
 
 
-def _write_log(path: Path, rows: list[dict]) -> None:
+def write_log_rows(path: Path, rows: list[dict]) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
@@ -243,7 +243,7 @@ def _write_log(path: Path, rows: list[dict]) -> None:
     files.write_text(path, buf.getvalue())
 
 
-def _read_log(path: Path) -> list[dict]:
+def read_log_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
@@ -255,7 +255,7 @@ def load_log(out_dir: str | Path):
     import xarray as xr
 
     path = Path(out_dir) / LOG
-    rows = _read_log(path)
+    rows = read_log_rows(path)
     if not rows:
         raise InputError(path, "a training log with at least one row", "no rows (has the stage trained?)")
     steps = np.array([int(r["step"]) for r in rows])
@@ -303,6 +303,8 @@ def fit(
     signature = model_signature(model)
 
     params = [p for p in model.parameters() if p.requires_grad]
+    clip_groups = ([[p for p in g if p.requires_grad] for g in model.clip_groups()]
+                   if hasattr(model, "clip_groups") else [params])
     opt = torch.optim.AdamW(params, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, settings.warmup, settings.steps))
 
@@ -314,7 +316,7 @@ def fit(
         sched.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"])
         start = int(ckpt["step"])
-        rows = [r for r in _read_log(log_path) if r["step"] <= start]
+        rows = [r for r in read_log_rows(log_path) if r["step"] <= start]
         if dist_info.main and start < settings.steps:
             print(f"[{desc}] resuming from step {start} ({ckpt_path})", flush=True)
     resumed_from = start
@@ -337,7 +339,7 @@ def fit(
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": _rng_state(), "step": step, "signature": signature, "settings": asdict(settings),
             }, ckpt_path)
-            _write_log(log_path, rows)  # after the checkpoint: the log never runs ahead of it
+            write_log_rows(log_path, rows)  # after the checkpoint: the log never runs ahead of it
 
     bar = None
     if dist_info.main and not _headless() and stop > start:
@@ -357,7 +359,9 @@ def fit(
             raise FloatingPointError(f"[{desc}] loss is {loss.item()} at step {step}; lower lr or check the inputs")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        # a model made of independent parts (DensityEnsemble) clips each part on its own
+        norms = [torch.nn.utils.clip_grad_norm_(g, settings.grad_clip) for g in clip_groups]
+        grad_norm = norms[0] if len(norms) == 1 else torch.stack(norms).norm()
         opt.step()
         sched.step()
         step += 1

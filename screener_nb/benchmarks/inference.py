@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(r)
             _report(name, rows)
     if args.run and (Path(args.run) / "distill" / "DONE").exists():
-        from ..distill import bench_student_vs_teacher
+        from ..student_eval import bench_student_vs_teacher
 
         print("\n== distilled student vs its teacher")
         bench_student_vs_teacher(args.run)

@@ -890,7 +890,7 @@ class _Builder:
     # ----------------------------------------------------------------- spine
     def _spine(self) -> None:
         s = self.s
-        A, B, cx, S, W = s["A"], s["B"], s["cx"], s["S"], self.extent
+        B, cx, S, W = s["B"], s["cx"], s["S"], self.extent
         period, r_vb = s["period"], s["r_vb"]
         z0 = s["zbot"] + self.u(0, 1) * period
         b = self.box([cx - 2.2 * r_vb, s["y_vb"] - 3.8 * r_vb, -W[2]], [cx + 2.2 * r_vb, s["y_vb"] + 1.4 * r_vb, W[2]])

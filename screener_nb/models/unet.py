@@ -19,7 +19,7 @@ Named sizes (:data:`UNET_SIZES`; parameters for 1 input and 32 output channels):
 ========  ===========================  ======  ==========  ==========================
 size      features per level           levels  parameters  input sides must divide by
 ========  ===========================  ======  ==========  ==========================
-tiny      8, 16, 24, 32, 48            5       0.37 M      16 (CPU: tests, demo)
+tiny      16, 24, 32, 48, 64           5       0.77 M      16 (CPU: tests, demo)
 small     16, 32, 64, 128, 256         5       5.7 M       16
 paper     16, 32, 64, 128, 256, 512    6       22.8 M      32 (GPU)
 ========  ===========================  ======  ==========  ==========================
@@ -45,7 +45,7 @@ from ..errors import ConfigError, InputError
 
 #: Named sizes: per-level feature widths (full resolution first). Depth = number of levels.
 UNET_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {"features": (8, 16, 24, 32, 48)},
+    "tiny": {"features": (16, 24, 32, 48, 64)},
     "small": {"features": (16, 32, 64, 128, 256)},
     "paper": {"features": (16, 32, 64, 128, 256, 512)},
 }

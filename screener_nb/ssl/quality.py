@@ -54,7 +54,7 @@ def retrieval_rate(encoder: nn.Module, cases: list, patch=(48, 48, 32), n_views:
 def masking_invariance(encoder: nn.Module, image: np.ndarray, block: tuple[slice, slice, slice]) -> float:
     """Mean cosine similarity, over the voxels of ``block``, between the
     encoder's map of ``image`` (X, Y, Z) and its map with ``block`` hidden."""
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    x = torch.tensor(np.asarray(image), dtype=torch.float32)[None, None]
     mask = torch.zeros_like(x)
     mask[(0, 0, *block)] = 1.0
     clean = encode(encoder, x)[0]
@@ -74,10 +74,10 @@ def central_block(shape, grid=(4, 4, 4)) -> tuple[slice, slice, slice]:
 def collapse_monitors(encoder: nn.Module, image: np.ndarray, body: np.ndarray | None = None) -> dict:
     """Per-dimension std (mean, min) and effective rank of an encoder's
     features over the (body) voxels of ``image`` (X, Y, Z)."""
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    x = torch.tensor(np.asarray(image), dtype=torch.float32)[None, None]
     f = encode(encoder, x)[0].float().flatten(1).T          # (voxels, D)
     if body is not None:
-        f = f[torch.from_numpy(np.ascontiguousarray(body).ravel())]
+        f = f[torch.tensor(np.asarray(body).ravel())]
     std = embedding_std(f)
     return {"std_mean": float(std.mean()), "std_min": float(std.min()), "effective_rank": effective_rank(f),
             "dim": int(f.shape[1])}
@@ -90,11 +90,11 @@ def dense_features(encoder: nn.Module, image: np.ndarray, patch=(48, 48, 32), ov
     (sliding window, Gaussian blending; ``mask`` hides voxels, 1 = hidden)."""
     from monai.inferers import sliding_window_inference
 
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    x = torch.tensor(np.asarray(image), dtype=torch.float32)[None, None]
     if mask is None:
         return sliding_window_inference(x, tuple(patch), 2, lambda w: encode(encoder, w).float(),
                                         overlap=overlap, mode="gaussian")[0]
-    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    m = torch.tensor(np.asarray(mask), dtype=torch.float32)[None, None]
     both = torch.cat([x, m], dim=1)
     return sliding_window_inference(both, tuple(patch), 2, lambda w: encode(encoder, w[:, :1], w[:, 1:]).float(),
                                     overlap=overlap, mode="gaussian")[0]

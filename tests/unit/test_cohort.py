@@ -20,19 +20,13 @@ from screener_nb.data.preprocess import PreprocessParams, preprocess
 from screener_nb.data.volume import Volume
 from screener_nb.errors import InputError
 
+from .synthetic import elliptic_scan
+
 PARAMS = PreprocessParams(clahe=False)
 
 
 def scan(seed=0, shape=(30, 26, 10)):
-    rng = np.random.default_rng(seed)
-    i, j, _ = np.indices(shape)
-    hu = np.full(shape, -1000.0, np.float32)
-    body = ((i - shape[0] / 2) / 12.0) ** 2 + ((j - shape[1] / 2) / 10.0) ** 2 < 1
-    hu[body] = 40.0 + rng.normal(0, 10, int(body.sum()))
-    lab = np.zeros(shape, np.uint8)
-    lab[13:17, 11:15, 4:6] = 1
-    aff = np.diag([-1.2, 1.1, 2.0, 1.0])
-    return Volume(hu, aff, f"scan{seed}.nii.gz"), Volume(lab, aff)
+    return elliptic_scan(seed, shape)
 
 
 @pytest.fixture

@@ -19,12 +19,7 @@ from screener_nb.errors import ConfigError, InputError
 from screener_nb.models.density import DENSITY_KINDS, build_density, pool_features, upsample_scores
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def perturb(model: torch.nn.Module, scale: float = 0.3, seed: int = 1) -> torch.nn.Module:

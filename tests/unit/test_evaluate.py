@@ -316,20 +316,10 @@ def test_report_is_self_contained_html(tmp_path):
 
 # ----------------------------------------------------------------------------- the stage on a run folder
 def _scan(seed, shape=(30, 26, 14), lesion=True):
-    from screener_nb.data.volume import Volume
+    from .synthetic import elliptic_scan
 
-    rng = np.random.default_rng(seed)
-    i, j, _ = np.indices(shape)
-    hu = np.full(shape, -1000.0, np.float32)
-    body = ((i - shape[0] / 2) / 12.0) ** 2 + ((j - shape[1] / 2) / 10.0) ** 2 < 1
-    hu[body] = 40.0 + rng.normal(0, 10, int(body.sum()))
-    lab = np.zeros(shape, np.uint8)
-    if lesion:
-        lab[13:18, 11:15, 5:9] = 1
-        hu[lab > 0] = 200.0
-    aff = np.diag([-1.2, 1.1, 2.0, 1.0])  # not canonical: the NIfTI maps must undo the reorientation
-    aff[:3, 3] = (10.0, -5.0, 3.0)
-    return Volume(hu, aff, f"scan{seed}.nii.gz"), Volume(lab, aff)
+    box = (slice(13, 18), slice(11, 15), slice(5, 9)) if lesion else None
+    return elliptic_scan(seed, shape, box, lesion_hu=200.0, origin=(10.0, -5.0, 3.0))
 
 
 def build_run(root: Path, n_train=2, n_val=1, n_test=2) -> Path:

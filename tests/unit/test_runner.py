@@ -31,7 +31,7 @@ HEADER = textwrap.dedent('''\
 def stand_in(stage: str, folder: str | None, fail_if: str = "False") -> str:
     names = "\n".join(f"{k} = None" for k in config.stage_params(stage) if k not in ("profile", "run_dir"))
     mark = f'files.mark_done(cfg.run_dir, "{folder}")' if folder else ""
-    return HEADER + textwrap.dedent(f'''
+    return HEADER + textwrap.dedent('''
         # %% tags=["parameters"]
         profile = "quick"
         run_dir = "runs/x"

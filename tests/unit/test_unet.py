@@ -10,12 +10,7 @@ from screener_nb.errors import ConfigError, InputError
 from screener_nb.models.unet import UNET_SIZES, build_unet, count_parameters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("window,in_channels", [((48, 48, 32), 1), ((96, 96, 64), 2)])
