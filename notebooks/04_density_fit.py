@@ -39,6 +39,7 @@ noise_std = None  # training noise on y and c (paper 0.1)
 flow_depth = None  # flow blocks
 flow_hidden = None  # coupling-net width (paper 512)
 sincos_dim = None  # channels of the sin-cos position condition
+overlap = None  # sliding-window overlap of the maps shown here (paper 0.5)
 lr = None  # peak learning rate
 warmup = None  # warm-up steps
 checkpoint_every = None  # steps between atomic checkpoints
@@ -93,7 +94,8 @@ test_cases = [c for c in load_cohort(cfg.run_dir, role="test") if c.label is not
 shown = [c for c in test_cases if c.dataset == "phantoms"][:1] + [c for c in test_cases if "lidc" in c.id][:1]
 best = "learned-flow" if "learned-flow" in folders else next(iter(folders))
 condition, density = best.split("-")
-screener = Screener.from_run(cfg.run_dir, density=density, condition=condition, device=cfg.device)
+screener = Screener.from_run(cfg.run_dir, density=density, condition=condition, device=cfg.device,
+                             overlap=cfg.overlap)
 maps = {c.id: screener.score_preprocessed(c.image, c.body, c.spacing) for c in shown}
 for c in shown:
     centre = tuple(int(v) for v in np.argwhere(c.label > 0).mean(0))
@@ -115,15 +117,18 @@ histogram_by_class(maps[c.id], c.label > 0, roi=np.asarray(c.body), title=f"{c.i
 # (notebook 06 does the full evaluation, with every metric of the paper.)
 
 # %% papermill_description=quick-auroc
+from screener_nb.evaluate import JointDensityScorer
 from screener_nb.metrics import voxel_auroc
 
-rows = {}
 preview = test_cases[:3]  # a preview on a few cases keeps this cell short
-for name in folders:
-    condition, density = name.split("-")
-    s = Screener.from_run(cfg.run_dir, density=density, condition=condition, device=cfg.device)
-    scores = [s.score_preprocessed(c.image, c.body, c.spacing) for c in preview]
-    rows[name] = voxel_auroc(scores, [c.label > 0 for c in preview], roi=[np.asarray(c.body) for c in preview])
+# all methods share the descriptor: one sliding-window pass scores every one of them
+joint = JointDensityScorer({name: Screener.from_run(cfg.run_dir, density=name.split("-")[1],
+                                                    condition=name.split("-")[0], device=cfg.device,
+                                                    overlap=cfg.overlap)
+                            for name in folders})
+scores = [joint.score_all(c.image, c.body, c.spacing) for c in preview]
+rows = {name: voxel_auroc([s[name] for s in scores], [c.label > 0 for c in preview],
+                          roi=[np.asarray(c.body) for c in preview]) for name in folders}
 pd.Series(rows, name="pooled voxel AUROC (test cases)").round(3)
 
 # %%

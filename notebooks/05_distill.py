@@ -119,7 +119,7 @@ pd.Series(held_out, name="MSE on held-out crops (normalised units)").round(4)
 # ## Student vs teacher, side by side
 # Same evaluation scans, same sliding window: the pooled voxel AUROC (lesion vs
 # normal voxels inside the body) of both, and the inference speed (voxels per
-# second of a whole-volume map, best of 2 after a warm-up -- 1 in the quick
+# second of a whole-volume map after a warm-up; best of 2 in the full
 # profile) and memory on the same volume. The requirement: the student stays within 0.03 AUROC of the teacher.
 
 # %% papermill_description=student-vs-teacher
@@ -127,7 +127,7 @@ from screener_nb import files
 from screener_nb.student_eval import student_vs_teacher, summary_table
 
 comparison = student_vs_teacher(cfg.run_dir, test_cases, cfg.device, teacher=cfg.teacher, overlap=overlap,
-                                repeats=1 if cfg.profile == "quick" else 2, return_maps=True)
+                                repeats=2 if cfg.profile == "full" else 1, return_maps=True)
 maps = comparison.pop("maps")
 files.write_json(f"{cfg.run_dir}/distill/comparison.json", comparison)
 sp = comparison["speed"]
