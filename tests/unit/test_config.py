@@ -10,7 +10,7 @@ def test_profile_defaults_fill_none_and_keep_given_values():
     d = config.resolve("descriptor", {"profile": "demo", "steps": None, "run_dir": "r"})
     f = config.resolve("descriptor", profile="full", run_dir="r")
     assert q.steps == config.STAGES["descriptor"]["params"]["steps"].default["quick"]
-    assert (q.steps, d.steps, f.steps) == (30, 600, 300_000)
+    assert (q.steps, d.steps, f.steps) == (30, 300, 300_000)
     assert f.patch == (96, 96, 64) and f.model_size == "paper" and f.expander_width == 8192
     assert config.resolve("descriptor", profile="demo", steps=7).steps == 7
 
