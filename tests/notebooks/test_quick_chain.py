@@ -60,8 +60,13 @@ def test_encoders_trained_to_the_profile_steps(quick_run):
 
 
 def test_density_models_and_anomaly_maps(quick_run):
-    methods = sorted(p.name for p in (quick_run / "density").iterdir() if p.is_dir())
-    assert methods == sorted(f"{c}-{d}" for c in ("none", "sincos", "learned") for d in ("gaussian", "flow"))
+    from screener_nb.density_fit import JOINT_DIR
+
+    folders = sorted(p.name for p in (quick_run / "density").iterdir() if p.is_dir())
+    methods = sorted(f"{c}-{d}" for c in ("none", "sincos", "learned") for d in ("gaussian", "flow"))
+    assert folders == sorted(methods + [JOINT_DIR])  # one folder per model + the ensemble's checkpoint
+    for m in methods:
+        assert {"model.json", "checkpoint.pt", "train_log.csv"} <= {p.name for p in (quick_run / "density" / m).iterdir()}
 
 
 def test_evaluation_results_and_report(quick_run):
