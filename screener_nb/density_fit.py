@@ -227,9 +227,8 @@ def fit_densities(cfg: Any, *, callback: Callable[[str, dict], None] | None = No
 
 def _model_row(row: dict, name: str) -> dict:
     """One model's view of an ensemble log row: its own NLL as ``loss`` and ``nll_per_dim``."""
-    shared = {k: v for k, v in row.items() if k != "loss" and not k.startswith("nll_")}
-    return {"step": row["step"], "loss": row[f"nll_{name}"], "nll_per_dim": row[f"nll_per_dim_{name}"],
-            **{k: v for k, v in shared.items() if k != "step"}}
+    shared = {k: v for k, v in row.items() if k not in ("step", "loss") and not k.startswith("nll_")}
+    return {"step": row["step"], "loss": row[f"nll_{name}"], "nll_per_dim": row[f"nll_per_dim_{name}"], **shared}
 
 
 def load_density(run_dir: str | Path, condition: str, density: str, device: str | torch.device = "cpu"):
