@@ -35,6 +35,7 @@ run_dir = None  # run directory shared by all stages (None: $SCREENER_RUN_DIR, e
 device = "auto"  # auto | cpu | cuda
 seed = 0  # random seed (CPU runs are deterministic given it)
 teacher = None  # teacher method <condition>-<density> (None: learned-flow)
+target = None  # student's regression target: quantile (Gaussianised rank, default) | standard (z-score)
 student_size = None  # student UNet size: tiny | small | paper
 steps = None  # distillation steps (None: profile default)
 batch = None  # crops per step
@@ -63,8 +64,12 @@ print(config.as_dict(cfg))
 #    once (sliding window with Gaussian blending, exactly what `anomaly_map` returns)
 #    and cached in `distill/teacher_maps/`. Per-crop teacher calls would bake the
 #    window-border effects of a single window into the targets.
-# 2. The targets are normalised by the mean and std of the teacher's scores inside
-#    the body, so the regression is well scaled (a flow's -log q can be in the hundreds).
+# 2. The target is the teacher's score turned into its **Gaussianised rank** among
+#    the body voxels of the training scans, `Phi^-1(F(score))` (`target="quantile"`).
+#    A flow's -log q is heavy-tailed (a few voxels hundreds of nats above the rest):
+#    with a plain z-score those few voxels would dominate the squared error, while
+#    every metric only reads the *ranking*, which a monotone transform keeps exactly.
+#    The student's output is mapped back to the teacher's scale when it is served.
 # 3. The student, a full-resolution UNet with one output channel and no activation,
 #    is trained with MSE on random crops, over **body voxels only**: outside the body
 #    every map is overwritten with the body's minimum anyway, and that artificial
@@ -76,12 +81,13 @@ print(config.as_dict(cfg))
 from screener_nb.distill import distill_student
 from screener_nb.viz.live import LiveCurve
 
-live = LiveCurve(["loss"], title="student MSE to the normalised teacher map")
+live = LiveCurve(["loss"], title=f"student MSE to the {cfg.target}-transformed teacher map")
 live.show()
 info = distill_student(cfg, callback=live.update)
+target = info["target"]
 print(f"teacher {info['teacher']}: maps of {info['n_train_cases']} training cases ready in "
-      f"{info['teacher_seconds']:.1f} s (cached ones are reused); normalisation mean "
-      f"{info['target_mean']:.3f}, std {info['target_std']:.3f}")
+      f"{info['teacher_seconds']:.1f} s (cached ones are reused); teacher scores in the body: mean "
+      f"{target['mean']:.3f}, std {target['std']:.3f}; target: {target['kind']}")
 print(f"student trained to step {info['steps_done']} (resumed from {info['resumed_from']})")
 
 # %%
@@ -90,7 +96,7 @@ from screener_nb.viz.plots import loss_curves
 
 log = load_log(f"{cfg.run_dir}/distill")
 loss_curves(log, keys=["loss"], log_y=True, smooth=3,
-            title="student training: MSE over body voxels (normalised units; 1 = predicting the mean)")
+            title="student training: MSE over body voxels (target units; 1 = predicting the mean)")
 
 # %% [markdown]
 # ## Does it generalise? MSE on scans it never saw
@@ -101,19 +107,18 @@ loss_curves(log, keys=["loss"], log_y=True, smooth=3,
 import pandas as pd
 
 from screener_nb.data.cohort import load_cohort
-from screener_nb.distill import heldout_mse, load_student_unet, teacher_maps
+from screener_nb.distill import heldout_mse, load_student_unet, student_transform, teacher_maps
 
 overlap = cfg.overlap  # sliding-window overlap of every whole-volume map here
 test_cases = load_cohort(cfg.run_dir, role="test")
 test_maps = teacher_maps(cfg.run_dir, test_cases, teacher=cfg.teacher, device=cfg.device, overlap=overlap)
 student_unet, spec = load_student_unet(cfg.run_dir, device=cfg.device)
 initial_unet, _ = load_student_unet(cfg.run_dir, trained=False, seed=cfg.seed, device=cfg.device)
-norm = (spec["target_mean"], spec["target_std"])
 n_crops = 4 if cfg.profile == "quick" else 16
-held_out = {name: heldout_mse(net, test_cases, test_maps, cfg.patch, *norm, n_crops=n_crops, seed=cfg.seed,
+held_out = {name: heldout_mse(net, test_cases, test_maps, cfg.patch, student_transform(spec), n_crops=n_crops, seed=cfg.seed,
                               device=cfg.device)
             for name, net in (("trained student", student_unet), ("untrained (initialisation)", initial_unet))}
-pd.Series(held_out, name="MSE on held-out crops (normalised units)").round(4)
+pd.Series(held_out, name="MSE on held-out crops (target units)").round(4)
 
 # %% [markdown]
 # ## Student vs teacher, side by side

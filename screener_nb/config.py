@@ -143,6 +143,8 @@ STAGES: dict[str, dict] = {
             "batch": _p(int, _prof(2, 4, 8), "crops per step"),
             "warmup": _p(int, _prof(5, 30, 2000), "linear warm-up steps"),
             "teacher": _p(str, "learned-flow", "teacher method (<condition>-<density>)"),
+            "target": _p(str, "quantile", "student's regression target: the teacher map's Gaussianised rank "
+                         "(quantile) or its z-score (standard)", ("quantile", "standard")),
             "student_size": _p(str, _prof("tiny", "tiny", "paper"), "student UNet size", ("tiny", "small", "paper")),
             "patch": _p(tuple, _prof((48, 48, 32), (48, 48, 32), (96, 96, 64)), "crop size (X, Y, Z) voxels"),
             "finetune_k": _p(int, _prof(2, 4, 25), "labelled cases per fine-tuning fold"),

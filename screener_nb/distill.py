@@ -10,13 +10,15 @@ Its whole-volume anomaly map of every training case is computed ONCE with
 cached in ``distill/teacher_maps/<case>.npy``: whole-volume maps have no
 window-border effects, which per-crop teacher calls would bake into the
 targets, and they cost one teacher pass per case instead of one per step.
-The target is normalised, ``(map - mean) / std`` with mean and std of the
-teacher's scores over the body voxels of the training cases (stored in
-``model.json``), so the regression is well scaled whatever the teacher's
-units (nats of a flow can be in the hundreds). The student is
+The target is a monotone transform of the teacher's map fitted on the body
+voxels of the training cases (:class:`TargetTransform`, stored in
+``model.json``): by default its Gaussianised rank (``quantile``), so the
+regression is well scaled whatever the teacher's units and is not dominated by
+the heavy upper tail of a flow's -log q; ``standard`` is the plain
+``(map - mean) / std``. The student is
 ``build_unet(student_size, 1, 1)`` (one output channel, no activation)
 trained through the shared loop (:func:`screener_nb.train.fit`:
-checkpoints, exact resume, DDP) with MSE to the normalised teacher map on
+checkpoints, exact resume, DDP) with MSE to the transformed teacher map on
 random crops.
 
 The MSE covers **body voxels only**: ``score_preprocessed`` overwrites every
@@ -27,11 +29,11 @@ would spend capacity on an artificial constant at the far tail of the score
 distribution (the body's minimum), which would dominate the squared error.
 
 :func:`load_student` returns the student wrapped so that its output is
-de-normalised (on the teacher's scale): ``Screener.from_run(run, student=True)``
+mapped back to the teacher's scale: ``Screener.from_run(run, student=True)``
 serves it with the same ``anomaly_map`` interface as the teacher.
 
 Artifacts (``runs/<run>/distill/``): ``model.json`` (architecture, patch,
-teacher, normalisation), ``checkpoint.pt``, ``train_log.csv``,
+teacher, target transform), ``checkpoint.pt``, ``train_log.csv``,
 ``teacher_maps/`` (cache), ``comparison.json``, ``finetune/`` (one
 checkpointed run per fold and init), ``finetune.json`` and ``finetune.nc``.
 """
@@ -166,17 +168,92 @@ def _read_map(path: Path, shape) -> np.ndarray | None:
     return m if tuple(m.shape) == tuple(shape) else None
 
 
-def target_stats(cases: Sequence, maps: dict[str, np.ndarray]) -> tuple[float, float]:
-    """Mean and std of the teacher scores over the body voxels of ``cases`` (pooled, float64)."""
-    n, s, s2 = 0, 0.0, 0.0
-    for case in cases:
-        v = np.asarray(maps[case.id], dtype=np.float64)[np.asarray(case.body, dtype=bool)]
-        n, s, s2 = n + v.size, s + v.sum(), s2 + np.square(v).sum()
-    if n == 0:
+def pooled_body_scores(cases: Sequence, maps: dict[str, np.ndarray]) -> np.ndarray:
+    """The teacher scores of every body voxel of ``cases``, pooled (N,) float64."""
+    parts = [np.asarray(maps[c.id], dtype=np.float64)[np.asarray(c.body, dtype=bool)] for c in cases]
+    values = np.concatenate(parts) if parts else np.zeros(0)
+    if values.size == 0:
         raise InputError("training cases", "body voxels to normalise the teacher map", "none")
-    mean = s / n
-    std = float(np.sqrt(max(s2 / n - mean * mean, 0.0)))
-    return float(mean), std if std > 1e-12 else 1.0
+    return values
+
+
+#: the regression targets :class:`TargetTransform` knows
+TARGETS = ("quantile", "standard")
+
+
+class TargetTransform:
+    """A monotone map from the teacher's scores to the student's regression target, and back.
+
+    ``standard``: ``(s - mean) / std``. ``quantile``: the score's rank among the
+    pooled training body voxels, Gaussianised, ``Phi^-1(F(s))`` with ``F`` the
+    empirical CDF interpolated between ``n_quantiles`` quantiles (what sklearn's
+    ``QuantileTransformer(output_distribution="normal")`` computes). Why quantile
+    by default: a flow's -log q is heavy-tailed (a few voxels hundreds of nats
+    above the rest), so with ``standard`` the squared error is dominated by those
+    few voxels and the student learns the tail, not the ranking that every metric
+    reads. The quantile target is bounded (+-5.2) and, being strictly monotone,
+    keeps the teacher's ranking, hence its AUROC, exactly.
+
+    :meth:`inverse` (torch, differentiable, any device) brings the student's
+    output back to the teacher's scale; it is hand-written because neither torch
+    nor sklearn has a torch-side inverse of a quantile table.
+    """
+
+    BOUND = 1e-7  # probabilities clipped as sklearn does: Phi^-1 stays within +-5.2
+
+    def __init__(self, kind: str, **state):
+        if kind not in TARGETS:
+            raise ConfigError(f"parameter 'target': expected one of {list(TARGETS)}, found {kind!r}")
+        self.kind = kind
+        self.mean, self.std = float(state.get("mean", 0.0)), float(state.get("std", 1.0))
+        self.quantiles = np.asarray(state.get("quantiles", []), dtype=np.float64)  # (K,) increasing scores
+        self.probs = np.asarray(state.get("probs", []), dtype=np.float64)  # (K,) increasing CDF values
+
+    @classmethod
+    def fit(cls, kind: str, scores: np.ndarray, n_quantiles: int = 1000) -> "TargetTransform":
+        """Fitted on the pooled body scores (N,) of the training cases."""
+        scores = np.asarray(scores, dtype=np.float64).ravel()
+        mean, std = float(scores.mean()), float(scores.std())
+        std = std if std > 1e-12 else 1.0
+        if kind != "quantile":
+            return cls(kind, mean=mean, std=std)
+        probs = np.linspace(0.0, 1.0, max(2, min(int(n_quantiles), scores.size)))
+        quantiles = np.quantile(scores, probs)
+        # ties (a constant region) would make the CDF a step: keep one probability per distinct score
+        quantiles, first, counts = np.unique(quantiles, return_index=True, return_counts=True)
+        probs = np.array([probs[i:i + n].mean() for i, n in zip(first, counts)])
+        if quantiles.size < 2:  # a constant teacher: any monotone map is as good
+            quantiles, probs = np.array([quantiles[0] - 1.0, quantiles[0] + 1.0]), np.array([0.0, 1.0])
+        return cls(kind, mean=mean, std=std, quantiles=quantiles, probs=probs)
+
+    def forward(self, scores: np.ndarray) -> np.ndarray:
+        """Teacher scores (any shape) -> targets, float32."""
+        s = np.asarray(scores, dtype=np.float64)
+        if self.kind == "standard":
+            return ((s - self.mean) / self.std).astype(np.float32)
+        from scipy.special import ndtri
+
+        p = np.clip(np.interp(s, self.quantiles, self.probs), self.BOUND, 1 - self.BOUND)
+        return ndtri(p).astype(np.float32)
+
+    def inverse(self, target: torch.Tensor) -> torch.Tensor:
+        """Student outputs (any shape) -> the teacher's scale, piecewise linear in the CDF."""
+        if self.kind == "standard":
+            return target * self.std + self.mean
+        p = torch.special.ndtr(target.double())
+        probs = torch.as_tensor(self.probs, device=target.device)
+        quantiles = torch.as_tensor(self.quantiles, device=target.device)
+        hi = torch.searchsorted(probs, p.contiguous()).clamp(1, probs.numel() - 1)
+        p0, p1, q0, q1 = probs[hi - 1], probs[hi], quantiles[hi - 1], quantiles[hi]
+        frac = ((p - p0) / (p1 - p0)).clamp(0.0, 1.0)
+        return (q0 + frac * (q1 - q0)).to(target.dtype)
+
+    def state(self) -> dict:
+        """JSON-ready description (``model.json``), read back by ``TargetTransform(**state)``."""
+        out = {"kind": self.kind, "mean": self.mean, "std": self.std}
+        if self.kind == "quantile":
+            out.update(quantiles=self.quantiles.tolist(), probs=self.probs.tolist())
+        return out
 
 
 # ============================================================================ crops
@@ -200,22 +277,22 @@ def centred_start(centre, shape, patch, rng: np.random.Generator) -> np.ndarray:
 
 
 class DistillTask:
-    """:class:`screener_nb.train.TrainTask`: random crop -> normalised teacher map (body-masked MSE).
+    """:class:`screener_nb.train.TrainTask`: random crop -> transformed teacher map (body-masked MSE).
 
-    Sample: ``x`` (1, X, Y, Z) image crop in [0, 1], ``y`` (1, X, Y, Z) normalised
-    teacher map, ``w`` (1, X, Y, Z) body mask as float (zero in padding).
+    Sample: ``x`` (1, X, Y, Z) image crop in [0, 1], ``y`` (1, X, Y, Z) teacher
+    map through ``transform``, ``w`` (1, X, Y, Z) body mask as float (zero in padding).
     """
 
-    def __init__(self, cases: Sequence, maps: dict[str, np.ndarray], patch, mean: float, std: float):
+    def __init__(self, cases: Sequence, maps: dict[str, np.ndarray], patch, transform: TargetTransform):
         self.cases, self.maps, self.patch = list(cases), maps, tuple(int(p) for p in patch)
-        self.mean, self.std = float(mean), float(std)
+        self.transform = transform
 
     def sample(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         from .density_fit import random_crop
 
         case = self.cases[int(rng.integers(len(self.cases)))]
         crop, start = random_crop(case.image, case.body, self.patch, rng)
-        target = (take_crop(self.maps[case.id], start, self.patch) - self.mean) / self.std
+        target = self.transform.forward(take_crop(self.maps[case.id], start, self.patch))
         body = take_crop(case.body, start, self.patch)
         return {"x": crop[None], "y": target[None].astype(np.float32), "w": body[None]}
 
@@ -231,16 +308,16 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -
 # ============================================================================ the student
 
 
-class DenormalisedStudent(nn.Module):
-    """``forward(x (B,1,X,Y,Z)) -> (B,1,X,Y,Z)`` scores on the teacher's scale (un-normalised)."""
+class ScaledStudent(nn.Module):
+    """``forward(x (B,1,X,Y,Z)) -> (B,1,X,Y,Z)`` scores on the teacher's scale (target transform inverted)."""
 
-    def __init__(self, unet: nn.Module, mean: float, std: float):
+    def __init__(self, unet: nn.Module, transform: TargetTransform):
         super().__init__()
-        self.unet, self.mean, self.std = unet, float(mean), float(std)
-        self.config = {"student": getattr(unet, "config", None), "mean": self.mean, "std": self.std}
+        self.unet, self.transform = unet, transform
+        self.config = {"student": getattr(unet, "config", None), "target": transform.kind}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.unet(x).float() * self.std + self.mean
+        return self.transform.inverse(self.unet(x).float())
 
 
 def build_student(size: str) -> nn.Module:
@@ -276,8 +353,8 @@ def distill_student(cfg: Any, *, callback: Callable[[dict], None] | None = None,
             teachers); ``teacher_key`` identifies it in the cache.
 
     Returns:
-        ``{"folder", "steps_done", "resumed_from", "teacher", "target_mean",
-        "target_std", "n_train_cases", "teacher_seconds"}``.
+        ``{"folder", "steps_done", "resumed_from", "teacher", "target",
+        "n_train_cases", "teacher_seconds"}`` (``target``: the transform's state).
     """
     from .data.cohort import load_cohort
     from .train import _device_for, init_distributed
@@ -314,26 +391,28 @@ def distill_student(cfg: Any, *, callback: Callable[[dict], None] | None = None,
         maps = teacher_maps(run_dir, cases, **kw)  # every map is cached now
     teacher_seconds = time.perf_counter() - t0
     key = files.read_json(folder / MAPS_DIR / "teacher.json")
-    mean, std = target_stats(cases, maps)
+    transform = TargetTransform.fit(cfg.target, pooled_body_scores(cases, maps))
 
     spec = {"size": cfg.student_size, "in_channels": 1, "out_channels": 1, "patch": [int(p) for p in cfg.patch],
             "teacher": cfg.teacher if teacher_fn is None else key.get("teacher", "custom"), "teacher_key": key,
-            "target_mean": mean, "target_std": std, "loss": "mse over body voxels of the normalised teacher map",
+            "target": transform.state(), "loss": f"mse over body voxels of the {cfg.target}-transformed teacher map",
             "train_cases": [c.id for c in cases], "steps": int(cfg.steps), "overlap": overlap}
     model_json = folder / "model.json"
     if model_json.exists() and (folder / "checkpoint.pt").exists():
         old = files.read_json(model_json)
         changed = [k for k in ("teacher_key", "size", "patch", "train_cases") if old.get(k) != spec[k]]
+        if old.get("target", {}).get("kind") != cfg.target:
+            changed.append("target")
         if changed:
             raise InputError(folder / "checkpoint.pt", "a student checkpoint of this teacher, architecture and cohort",
                              f"one trained with another {', '.join(changed)}; use a new run directory or "
                              f"--force distill (moves {folder} aside)")
     if dist_info.main:
         files.write_json(model_json, spec)
-    result = fit(student, DistillTask(cases, maps, cfg.patch, mean, std), settings, folder, callback=callback,
+    result = fit(student, DistillTask(cases, maps, cfg.patch, transform), settings, folder, callback=callback,
                  desc="distill", stop_after=stop_after)
     return {"folder": str(folder), "steps_done": result.steps_done, "resumed_from": result.resumed_from,
-            "teacher": spec["teacher"], "target_mean": mean, "target_std": std, "n_train_cases": len(cases),
+            "teacher": spec["teacher"], "target": transform.state(), "n_train_cases": len(cases),
             "teacher_seconds": teacher_seconds}
 
 
@@ -344,16 +423,21 @@ def student_spec(run_dir: Path) -> dict:
         raise InputError(run_dir, f"a distilled student ({path})",
                          "none: run notebook 05 (python -m screener_nb run --stages distill)")
     spec = files.read_json(path)
-    need = ("size", "patch", "target_mean", "target_std")
+    need = ("size", "patch", "target")
     missing = [k for k in need if k not in spec]
     if missing:
         raise InputError(path, f"a student description with keys {list(need)}", f"keys {sorted(spec)} (missing {missing})")
     return spec
 
 
+def student_transform(spec: dict) -> TargetTransform:
+    """The target transform a student was trained with (from its ``model.json``)."""
+    return TargetTransform(**spec["target"])
+
+
 def load_student_unet(run_dir: str | Path, *, trained: bool = True, seed: int = 0,
                       device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """The raw student UNet (normalised output) and its ``model.json``.
+    """The raw student UNet (output in target units, see :class:`TargetTransform`) and its ``model.json``.
 
     ``trained=False``: the same architecture at the initialisation distillation
     started from (``torch.manual_seed(seed)``), the baseline of the held-out MSE.
@@ -373,18 +457,18 @@ def load_student_unet(run_dir: str | Path, *, trained: bool = True, seed: int = 
 
 def load_student(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, tuple[int, int, int]]:
     """``(model, patch)``: the frozen student, ``model(x (B,1,X,Y,Z)) -> (B,1,X,Y,Z)`` scores on
-    the teacher's scale (de-normalised), and its sliding-window size (X, Y, Z)."""
+    the teacher's scale (target transform inverted), and its sliding-window size (X, Y, Z)."""
     unet, spec = load_student_unet(run_dir, device=device)
-    model = DenormalisedStudent(unet, spec["target_mean"], spec["target_std"])
+    model = ScaledStudent(unet, student_transform(spec))
     return model.to(resolve_device(device)).eval().requires_grad_(False), tuple(int(p) for p in spec["patch"])
 
 
 @torch.inference_mode()
-def heldout_mse(unet: nn.Module, cases: Sequence, maps: dict[str, np.ndarray], patch, mean: float, std: float, *,
-                n_crops: int = 8, seed: int = 0, device: str | torch.device = "cpu") -> float:
-    """Body-voxel MSE between ``unet``'s output and the normalised teacher map on ``n_crops``
+def heldout_mse(unet: nn.Module, cases: Sequence, maps: dict[str, np.ndarray], patch, transform: TargetTransform,
+                *, n_crops: int = 8, seed: int = 0, device: str | torch.device = "cpu") -> float:
+    """Body-voxel MSE between ``unet``'s output and the transformed teacher map on ``n_crops``
     random crops of ``cases`` (pass cases the student never saw); the crops depend only on ``seed``."""
-    task = DistillTask(cases, maps, patch, mean, std)
+    task = DistillTask(cases, maps, patch, transform)
     dev = resolve_device(device)
     unet = unet.to(dev).eval()
     num, den = 0.0, 0.0

@@ -17,7 +17,8 @@ from scipy import ndimage, stats
 from screener_nb import config, files
 from screener_nb.data.cohort import load_cohort, write_case, write_index
 from screener_nb.data.preprocess import Preprocessed, PreprocessParams
-from screener_nb.distill import distill_student, heldout_mse, load_student, load_student_unet
+from screener_nb.distill import (TargetTransform, distill_student, heldout_mse, load_student, load_student_unet,
+                                  student_transform)
 from screener_nb.finetune import SegmentationTask, cv_splits, finetune_cv, paired_test, segmentation_dice
 from screener_nb.student_eval import PeakRSS
 from screener_nb.errors import ConfigError, InputError
@@ -174,16 +175,72 @@ def test_paired_test_equal_pairs_and_bad_input():
 # ----------------------------------------------------------------------------- crops and targets
 
 
-def test_distill_normalisation_is_the_body_mean_and_std_of_the_teacher(distilled):
+def test_distill_target_is_fitted_on_the_body_scores_of_the_teacher(distilled):
     run, _ = distilled
     cases = load_cohort(run, "train")
     pooled = np.concatenate([known_teacher(c)[np.asarray(c.body)] for c in cases]).astype(np.float64)
-    spec = json.loads((run / "distill" / "model.json").read_text())
-    assert spec["target_mean"] == pytest.approx(pooled.mean(), rel=1e-6)
-    assert spec["target_std"] == pytest.approx(pooled.std(), rel=1e-5)
+    target = json.loads((run / "distill" / "model.json").read_text())["target"]
+    assert target["kind"] == "quantile"  # the default
+    assert target["mean"] == pytest.approx(pooled.mean(), rel=1e-6)
+    assert target["std"] == pytest.approx(pooled.std(), rel=1e-5)
+    # its quantile table is numpy's quantiles of the pooled body scores
+    np.testing.assert_allclose(target["quantiles"], np.quantile(pooled, target["probs"]), rtol=1e-6, atol=1e-6)
 
 
-def test_distill_targets_are_the_normalised_teacher_map_at_the_crop():
+def heavy_tailed_scores(n=20000, seed=0):
+    """Flow-like scores: a bulk plus a Pareto upper tail hundreds of units above it."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.normal(0.0, 1.0, n), 5.0 + rng.pareto(1.2, n // 20) * 50.0])
+
+
+def test_quantile_target_equals_sklearns_quantile_transformer():
+    from sklearn.preprocessing import QuantileTransformer
+
+    scores = heavy_tailed_scores()
+    ours = TargetTransform.fit("quantile", scores, n_quantiles=500)
+    ref = QuantileTransformer(n_quantiles=500, output_distribution="normal", subsample=None).fit(scores[:, None])
+    probe = np.concatenate([heavy_tailed_scores(3000, seed=1), [scores.min() - 10, scores.max() + 10]])
+    np.testing.assert_allclose(ours.forward(probe), ref.transform(probe[:, None])[:, 0], atol=2e-4)
+    # bounded, about N(0, 1) on the data it was fitted on, although the scores' std is huge
+    t = ours.forward(scores)
+    assert np.abs(t).max() < 5.3 and abs(t.mean()) < 0.01 and abs(t.std() - 1.0) < 0.02
+    assert scores.std() > 20.0
+
+
+def test_quantile_target_keeps_the_ranking_and_inverts():
+    from sklearn.metrics import roc_auc_score
+
+    scores = heavy_tailed_scores()
+    transform = TargetTransform.fit("quantile", scores)
+    rng = np.random.default_rng(3)
+    labels = rng.random(scores.size) < 0.1 + 0.5 * (scores > 3)  # a label the raw scores predict
+    assert roc_auc_score(labels, transform.forward(scores)) == pytest.approx(roc_auc_score(labels, scores), abs=1e-4)
+    # the inverse (torch) brings targets back to the teacher's scale, inside the fitted range
+    inside = scores[(scores > np.quantile(scores, 0.001)) & (scores < np.quantile(scores, 0.999))]
+    back = transform.inverse(torch.from_numpy(transform.forward(inside)).double()).numpy()
+    np.testing.assert_allclose(back, inside, rtol=1e-3, atol=1e-3 * scores.std())
+    # and is monotone non-decreasing on any output, saturating at the observed extremes
+    out = transform.inverse(torch.linspace(-9, 9, 2001, dtype=torch.float64)).numpy()
+    assert np.all(np.diff(out) >= 0)
+    assert out[0] == pytest.approx(scores.min()) and out[-1] == pytest.approx(scores.max())
+
+
+def test_target_transform_standard_ties_and_bad_kind():
+    scores = np.array([1.0, 1.0, 1.0, 2.0, 4.0, 4.0, 8.0])
+    std = TargetTransform.fit("standard", scores)
+    np.testing.assert_allclose(std.forward(scores), (scores - scores.mean()) / scores.std(), rtol=1e-6)
+    np.testing.assert_allclose(std.inverse(torch.tensor(std.forward(scores))).numpy(), scores, rtol=1e-5)
+    q = TargetTransform.fit("quantile", scores)  # ties: one CDF value per distinct score, still monotone
+    assert np.all(np.diff(q.quantiles) > 0) and np.all(np.diff(q.probs) > 0)
+    t = q.forward(np.array([1.0, 2.0, 4.0, 8.0]))
+    assert np.all(np.diff(t) > 0)
+    again = TargetTransform(**json.loads(json.dumps(q.state())))  # the model.json round trip
+    np.testing.assert_array_equal(again.forward(scores), q.forward(scores))
+    with pytest.raises(ConfigError, match="target.*quantile.*standard.*'rank'"):
+        TargetTransform("rank")
+
+
+def test_distill_targets_are_the_transformed_teacher_map_at_the_crop():
     from types import SimpleNamespace
 
     from screener_nb.distill import DistillTask
@@ -195,7 +252,7 @@ def test_distill_targets_are_the_normalised_teacher_map_at_the_crop():
     body[3:-3, 2:-2, 1:] = True
     case = SimpleNamespace(id="c", image=image, body=body, shape=shape)
     teacher = np.sin(index / 97.0).astype(np.float32) * 5 + 2
-    task = DistillTask([case], {"c": teacher}, PATCH, 2.0, 5.0)
+    task = DistillTask([case], {"c": teacher}, PATCH, TargetTransform("standard", mean=2.0, std=5.0))
     for i in range(5):
         s = task.sample(np.random.default_rng(i))
         x, y, w = s["x"][0], s["y"][0], s["w"][0] > 0
@@ -234,9 +291,9 @@ def test_distillation_reduces_the_error_on_held_out_cases(distilled, tmp_path):
     maps = {c.id: known_teacher(c) for c in held_out}
     trained, spec = load_student_unet(run)
     untrained, _ = load_student_unet(run, trained=False, seed=0)
-    mean, std = spec["target_mean"], spec["target_std"]
-    mse_trained = heldout_mse(trained, held_out, maps, PATCH, mean, std, n_crops=6)
-    mse_untrained = heldout_mse(untrained, held_out, maps, PATCH, mean, std, n_crops=6)
+    transform = student_transform(spec)
+    mse_trained = heldout_mse(trained, held_out, maps, PATCH, transform, n_crops=6)
+    mse_untrained = heldout_mse(untrained, held_out, maps, PATCH, transform, n_crops=6)
     assert mse_trained < 0.5 * mse_untrained
 
     # and on whole held-out volumes, served through Screener(student=True), in teacher units (numpy MSE)
@@ -258,9 +315,14 @@ def test_load_student_output_is_on_the_teacher_scale(distilled):
     model, patch = load_student(run)
     unet, spec = load_student_unet(run)
     x = torch.rand(1, 1, *PATCH)
+    from scipy.special import ndtr
+
     with torch.no_grad():
-        np.testing.assert_allclose(model(x).numpy(), (unet(x) * spec["target_std"] + spec["target_mean"]).numpy(),
-                                   rtol=1e-5, atol=1e-5)
+        raw = unet(x).numpy().astype(np.float64)
+    target = spec["target"]  # quantile: the teacher-scale score is the quantile table read at Phi(output)
+    expected = np.interp(ndtr(raw), target["probs"], target["quantiles"])
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x).numpy(), expected, rtol=1e-5, atol=1e-5)
     assert patch == PATCH
 
 
