@@ -40,7 +40,9 @@ student_size = None  # student UNet size: tiny | small | paper
 steps = None  # distillation steps (None: profile default)
 batch = None  # crops per step
 patch = None  # crop size (X, Y, Z) voxels (paper 96, 96, 64)
+teacher_cases = None  # training cases distilled on (0 = all; demo: 8, balanced over datasets)
 finetune_k = None  # labelled training cases per fine-tuning fold (paper 25)
+finetune_dataset = None  # dataset whose labelled cases are fine-tuned on ('' = all; CPU profiles: phantoms)
 finetune_steps = None  # fine-tuning steps per fold and initialisation
 folds = None  # cross-validation folds (paper 3)
 overlap = None  # sliding-window overlap of whole-volume maps (paper 0.5)
@@ -63,7 +65,9 @@ print(config.as_dict(cfg))
 # 1. The teacher's **whole-volume** anomaly map of every training case is computed
 #    once (sliding window with Gaussian blending, exactly what `anomaly_map` returns)
 #    and cached in `distill/teacher_maps/`. Per-crop teacher calls would bake the
-#    window-border effects of a single window into the targets.
+#    window-border effects of a single window into the targets. On a CPU each map
+#    costs ~10 s, so the demo distils on 8 training scans shared out over the
+#    datasets (`teacher_cases`; 0 = all, as the full profile does).
 # 2. The target is the teacher's score turned into its **Gaussianised rank** among
 #    the body voxels of the training scans, `Phi^-1(F(score))` (`target="quantile"`).
 #    A flow's -log q is heavy-tailed (a few voxels hundreds of nats above the rest):
@@ -217,7 +221,7 @@ fig
 # %% papermill_description=finetune
 from screener_nb.finetune import finetune_cases, finetune_cv
 
-labelled = finetune_cases(cfg.run_dir)
+labelled = finetune_cases(cfg.run_dir, dataset=cfg.finetune_dataset or None)
 print(f"{len(labelled)} labelled cases: {', '.join(c.id for c in labelled)}")
 ft = finetune_cv(cfg.run_dir, labelled, k=cfg.finetune_k, folds=cfg.folds, steps=cfg.finetune_steps,
                  seed=cfg.seed, batch=cfg.batch, lr=cfg.lr, device=cfg.device, overlap=overlap,

@@ -75,7 +75,7 @@ _TRAIN = {
 
 _SSL = {
     **_TRAIN,
-    "steps": _p(int, _prof(30, 300, 300_000), "optimiser steps"),
+    "steps": _p(int, _prof(30, 250, 300_000), "optimiser steps"),
     "batch": _p(int, _prof(2, 4, 8), "crop pairs per step"),
     # a short CPU schedule needs a larger step than the paper's 300k-step one (3e-3 vs 1e-3
     # doubled the demo's correspondence retrieval after 150 steps; see the README's notes)
@@ -97,7 +97,7 @@ STAGES: dict[str, dict] = {
             "dataset": _p(str, _prof("phantoms", "phantoms+samples", PAPER_DATASETS),
                           "cohort: phantoms | samples | manifest names, joined with '+'"),
             "n_train": _p(int, _prof(4, 16, 0), "phantom training cases (healthy)"),
-            "n_test": _p(int, _prof(3, 8, 0), "phantom evaluation cases (with lesions)"),
+            "n_test": _p(int, _prof(3, 6, 0), "phantom evaluation cases (with lesions)"),
             "n_val": _p(int, _prof(1, 2, 0), "phantom validation cases (with lesions; thresholds are chosen on them)"),
             "phantom_shape": _p(tuple, _prof((96, 96, 80), (128, 128, 100), (160, 160, 128)), "phantom grid (X, Y, Z) voxels"),
             "phantom_spacing": _p(tuple, (2.0, 2.0, 2.5), "phantom voxel size (mm)"),
@@ -120,7 +120,7 @@ STAGES: dict[str, dict] = {
         "notebook": "04_density_fit",
         "params": {
             **_TRAIN,
-            "steps": _p(int, _prof(40, 200, 50_000), "optimiser steps per density model"),
+            "steps": _p(int, _prof(40, 150, 50_000), "optimiser steps per density model"),
             "batch": _p(int, _prof(2, 4, 4), "crops per step"),
             "warmup": _p(int, _prof(5, 40, 1000), "linear warm-up steps"),
             "conditions": _p(str, _prof("none,sincos,learned", "none,sincos,learned", "none,sincos,learned"),
@@ -139,7 +139,7 @@ STAGES: dict[str, dict] = {
         "notebook": "05_distill",
         "params": {
             **_TRAIN,
-            "steps": _p(int, _prof(150, 200, 100_000), "student distillation steps"),
+            "steps": _p(int, _prof(150, 150, 100_000), "student distillation steps"),
             "batch": _p(int, _prof(2, 4, 8), "crops per step"),
             "warmup": _p(int, _prof(5, 30, 2000), "linear warm-up steps"),
             "teacher": _p(str, "learned-flow", "teacher method (<condition>-<density>)"),
@@ -148,7 +148,11 @@ STAGES: dict[str, dict] = {
             "student_size": _p(str, _prof("tiny", "tiny", "paper"), "student UNet size", ("tiny", "small", "paper")),
             "patch": _p(tuple, _prof((48, 48, 32), (48, 48, 32), (96, 96, 64)), "crop size (X, Y, Z) voxels"),
             "finetune_k": _p(int, _prof(2, 4, 25), "labelled cases per fine-tuning fold"),
-            "finetune_steps": _p(int, _prof(10, 40, 5000), "fine-tuning steps per fold and init"),
+            "teacher_cases": _p(int, _prof(0, 8, 0), "training cases whose teacher maps the student learns from "
+                                "(0 = all; a cap, balanced over datasets, saves whole-volume teacher passes on CPU)"),
+            "finetune_steps": _p(int, _prof(10, 30, 5000), "fine-tuning steps per fold and init"),
+            "finetune_dataset": _p(str, _prof("phantoms", "phantoms", ""),
+                                   "dataset whose labelled cases are fine-tuned on ('' = every labelled case)"),
             "overlap": _p(float, _prof(0.25, 0.25, 0.5), "sliding-window overlap of the teacher's whole-volume maps"),
             "folds": _p(int, _prof(2, 3, 3), "cross-validation folds"),
         },

@@ -339,14 +339,38 @@ def check_patch(net: nn.Module, patch, name: str = "patch") -> tuple[int, int, i
     return patch
 
 
+def balanced_subset(cases: Sequence, n: int, seed: int) -> list:
+    """At most ``n`` of ``cases`` (all when ``n <= 0``), shared out over their datasets.
+
+    Datasets take turns (round robin, each shuffled by ``seed``), so a small cap
+    still holds cases of every dataset (the real sample CTs next to many phantoms).
+    The result keeps the input order.
+    """
+    cases = list(cases)
+    if n <= 0 or n >= len(cases):
+        return cases
+    rng = np.random.default_rng(seed)
+    queues: dict[str, list[int]] = {}
+    for i, c in enumerate(cases):
+        queues.setdefault(str(getattr(c, "dataset", "")), []).append(i)
+    queues = {k: [v[j] for j in rng.permutation(len(v))] for k, v in sorted(queues.items())}
+    chosen: list[int] = []
+    while len(chosen) < n:
+        for q in queues.values():
+            if q and len(chosen) < n:
+                chosen.append(q.pop(0))
+    return [cases[i] for i in sorted(chosen)]
+
+
 def distill_student(cfg: Any, *, callback: Callable[[dict], None] | None = None, stop_after: int | None = None,
                     teacher_fn: TeacherFn | None = None, teacher_key: dict | str | None = None,
                     progress: Callable[[str], None] | None = print) -> dict:
     """Precompute (or reuse) the teacher maps of the training cases and train the student.
 
     Args:
-        cfg: ``config.resolve("distill", ...)``: run_dir, teacher, student_size,
-            patch, seed and the training-loop fields (steps, batch, lr...).
+        cfg: ``config.resolve("distill", ...)``: run_dir, teacher, target, student_size,
+            patch, teacher_cases (cap on the training cases, :func:`balanced_subset`),
+            seed and the training-loop fields (steps, batch, lr...).
         callback: every log row of the shared loop (live curves).
         stop_after: stop after this many steps (checkpointed; resumes later).
         teacher_fn: ``case -> map`` replacing the run's pipeline (tests, other
@@ -364,6 +388,7 @@ def distill_student(cfg: Any, *, callback: Callable[[dict], None] | None = None,
     cases = load_cohort(run_dir, role="train")
     if not cases:
         raise InputError(run_dir / "data", "at least one training case", "none")
+    cases = balanced_subset(cases, int(cfg.teacher_cases), cfg.seed)
     small = [c.id for c in cases if any(s < p for s, p in zip(c.shape, cfg.patch))]
     if small:  # the student's sliding window (its training crop) must fit in every scan
         raise InputError(run_dir / "data", f"training cases at least as large as the patch {tuple(cfg.patch)}",

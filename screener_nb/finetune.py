@@ -307,12 +307,18 @@ def _write_finetune_nc(path: Path, res: dict) -> Path:
     return path
 
 
-def finetune_cases(run_dir: str | Path, lesion_kind: str | None = None) -> list:
+def finetune_cases(run_dir: str | Path, lesion_kind: str | None = None, dataset: str | None = None) -> list:
     """Labelled cases of a run for fine-tuning (val + test roles; those with lesion voxels),
-    optionally only those whose ``lesion_kinds`` include ``lesion_kind``."""
+    optionally only those whose ``lesion_kinds`` include ``lesion_kind`` and those of ``dataset``."""
     from .data.cohort import load_cohort
 
     cases = [c for c in load_cohort(run_dir) if c.role in ("val", "test")]
+    if dataset:
+        known = sorted({c.dataset for c in cases})
+        cases = [c for c in cases if c.dataset == dataset]
+        if not cases:
+            raise InputError(Path(run_dir) / "data", f"labelled cases of dataset {dataset!r}",
+                             f"none (datasets with val/test cases: {', '.join(known) or 'none'})")
     if lesion_kind:
         cases = [c for c in cases if lesion_kind in c.lesion_kinds]
     return labelled_cases(cases)

@@ -10,7 +10,7 @@ def test_profile_defaults_fill_none_and_keep_given_values():
     d = config.resolve("descriptor", {"profile": "demo", "steps": None, "run_dir": "r"})
     f = config.resolve("descriptor", profile="full", run_dir="r")
     assert q.steps == config.STAGES["descriptor"]["params"]["steps"].default["quick"]
-    assert (q.steps, d.steps, f.steps) == (30, 300, 300_000)
+    assert (q.steps, d.steps, f.steps) == (30, 250, 300_000)
     assert f.patch == (96, 96, 64) and f.model_size == "paper" and f.expander_width == 8192
     assert config.resolve("descriptor", profile="demo", steps=7).steps == 7
 
@@ -51,3 +51,22 @@ def test_condition_and_density_lists_are_checked():
     with pytest.raises(ConfigError, match="unknown posenc"):
         config.resolve("density", profile="quick", conditions="none,posenc")
     assert config.split_list(" none, learned ,") == ["none", "learned"]
+
+
+@pytest.mark.parametrize("stage", config.STAGE_ORDER)
+def test_each_notebooks_parameters_cell_declares_exactly_its_stage_parameters(stage):
+    """papermill can only set what the parameters cell declares; a config name missing
+    there (or a stray one) would be silently ignored or refused."""
+    import ast
+    from pathlib import Path
+
+    import jupytext
+
+    path = Path(__file__).parents[2] / "notebooks" / f"{config.NOTEBOOKS[stage]}.py"
+    cells = [c for c in jupytext.read(path).cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{path.name}: expected one parameters cell, found {len(cells)}"
+    declared = {t.id for node in ast.parse(cells[0].source).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)}
+    expected = set(config.STAGES[stage]["params"]) | set(config.COMMON)
+    assert declared == expected, (f"{path.name}: missing {sorted(expected - declared)}, "
+                                  f"unknown {sorted(declared - expected)}")

@@ -263,6 +263,44 @@ def test_distill_targets_are_the_transformed_teacher_map_at_the_crop():
         assert not (x[~w] > 0).any() or not body.ravel()[np.rint(x[~w][x[~w] > 0] * index.size - 1).astype(int)].any()
 
 
+def test_balanced_subset_shares_the_cap_out_over_datasets():
+    from types import SimpleNamespace
+
+    from screener_nb.distill import balanced_subset
+
+    cases = [SimpleNamespace(id=f"p{i}", dataset="phantoms") for i in range(10)]
+    cases.insert(4, SimpleNamespace(id="real0", dataset="samples"))
+    cases.append(SimpleNamespace(id="real1", dataset="samples"))
+    picked = balanced_subset(cases, 4, seed=0)
+    ids = [c.id for c in picked]
+    assert len(ids) == 4 and sum(i.startswith("real") for i in ids) == 2  # two turns each
+    assert ids == [c.id for c in cases if c.id in ids]  # input order kept
+    assert [c.id for c in balanced_subset(cases, 4, seed=0)] == ids  # deterministic given the seed
+    assert len({tuple(c.id for c in balanced_subset(cases, 4, seed=s)) for s in range(10)}) > 1
+    assert balanced_subset(cases, 0, seed=0) == cases and balanced_subset(cases, 99, seed=0) == cases
+    # one dataset exhausted: the others fill the cap
+    assert sum(c.id.startswith("real") for c in balanced_subset(cases, 9, seed=1)) == 2
+
+
+def test_distill_with_a_case_cap_trains_on_that_subset(tmp_path):
+    run = make_run(tmp_path / "run", n_train=4, n_test=0, n_val=2, lesion_roles=("val",))
+    info = distill_student(distill_cfg(run, steps=2, teacher_cases=2), teacher_fn=known_teacher,
+                           teacher_key="known", progress=None)
+    spec = json.loads((run / "distill" / "model.json").read_text())
+    assert info["n_train_cases"] == 2 and len(spec["train_cases"]) == 2
+    assert sorted(p.stem for p in (run / "distill" / "teacher_maps").glob("*.npy")) == sorted(spec["train_cases"])
+
+
+def test_finetune_cases_filter_by_dataset_and_name_the_known_ones(tmp_path):
+    from screener_nb.finetune import finetune_cases
+
+    run = make_run(tmp_path / "run", n_train=1, n_test=2, n_val=1)
+    assert sorted(c.id for c in finetune_cases(run, dataset="synthetic")) == ["test-02", "test-03", "val-01"]
+    assert len(finetune_cases(run)) == 3
+    with pytest.raises(InputError, match=r"dataset 'phantoms'.*datasets with val/test cases: synthetic"):
+        finetune_cases(run, dataset="phantoms")
+
+
 def test_teacher_maps_are_cached_and_reused(distilled):
     run, _ = distilled
     cached = sorted(p.stem for p in (run / "distill" / "teacher_maps").glob("*.npy"))
