@@ -20,7 +20,7 @@
 # same physical voxel in both views must get the same descriptor (dense VICReg:
 # invariance + variance + covariance terms keep it informative).
 #
-# **Runtime:** quick < 2 min, demo ~6-8 min on 2 CPU cores, full: 300k steps,
+# **Runtime:** quick < 2 min, demo ~4 min on 2 CPU cores, full: 300k steps,
 # ~3 days on one H100 (the paper's schedule).
 # **Previous:** [01 · Data](01_data_prep.ipynb) · **Next:** [03 · Condition SSL](03_condition_ssl.ipynb)
 

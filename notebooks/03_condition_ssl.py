@@ -21,7 +21,7 @@
 # descriptor, but with large blocks of its input hidden: hidden voxels must get
 # the same embedding as when visible, so c can only come from the context.
 #
-# **Runtime:** quick < 2 min, demo ~6-8 min on 2 CPU cores, full ~3 days on one H100.
+# **Runtime:** quick < 2 min, demo ~4 min on 2 CPU cores, full ~3 days on one H100.
 # **Previous:** [02 · Descriptor SSL](02_descriptor_ssl.ipynb) · **Next:** [04 · Density](04_density_fit.ipynb)
 
 # %% tags=["parameters"]

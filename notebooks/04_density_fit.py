@@ -21,7 +21,7 @@
 # the learned masking-invariant condition) and two densities (diagonal Gaussian,
 # normalizing flow) -- the paper's ablation (Table 3).
 #
-# **Runtime:** quick < 2 min, demo ~6-8 min on 2 CPU cores, full ~hours on one GPU.
+# **Runtime:** quick < 2 min, demo ~4-5 min on 2 CPU cores, full ~hours on one GPU.
 # **Previous:** [03 · Condition SSL](03_condition_ssl.ipynb) · **Next:** [05 · Distillation](05_distill.ipynb)
 
 # %% tags=["parameters"]

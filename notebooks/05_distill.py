@@ -26,7 +26,7 @@
 #   student is fine-tuned into a lesion segmenter. The paper finds it beats the same
 #   UNet trained from scratch in the low-data regime (LIDC Dice 0.31 vs 0.21).
 #
-# **Runtime:** quick < 2 min, demo ~5 min on 2 CPU cores, full ~hours on one GPU.
+# **Runtime:** quick < 2 min, demo ~11 min on 2 CPU cores, full ~hours on one GPU.
 # **Previous:** [04 · Density](04_density_fit.ipynb) · **Next:** [06 · Evaluation](06_evaluate.ipynb)
 
 # %% tags=["parameters"]

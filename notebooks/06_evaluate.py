@@ -23,7 +23,7 @@
 # intensity baseline and the distilled student) and read the results in the
 # layout of the paper's Tables 2-3, with the paper's numbers alongside.
 #
-# **Runtime:** quick < 2 min, demo ~3 min on 2 CPU cores, full: hours on one GPU
+# **Runtime:** quick < 2 min, demo ~5-6 min on 2 CPU cores, full: hours on one GPU
 # (one sliding-window pass per method and CT).
 # **Previous:** [05 · Distillation](05_distill.ipynb) · **Next:** [07 · Explore](07_explore.ipynb)
 #

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import platform
 import random
+import resource
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -84,3 +86,22 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def own_peak_rss_mb() -> float:
+    """Peak resident memory (MB) of THIS process's own address space.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``. Not ``ru_maxrss``: Linux carries
+    that high-water mark across fork and exec, so a child launched by a parent
+    holding 1 GB would report at least 1 GB whatever it used itself. Elsewhere,
+    ``ru_maxrss`` (KB on Linux/BSD, bytes on macOS) is the fallback.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024

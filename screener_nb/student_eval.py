@@ -4,7 +4,7 @@
 pooled voxel AUROC of both on labelled cases and their inference speed
 (voxels per second of ``score_preprocessed`` on the same volume, best of
 ``repeats`` after a warm-up on a few windows) and peak memory; :func:`bench_student_vs_teacher`
-does the same in fresh subprocesses (peak RSS from ``ru_maxrss``).
+does the same in fresh subprocesses (peak RSS from ``VmHWM``, :func:`screener_nb.runtime.own_peak_rss_mb`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 
 from .distill import labelled_cases, split_teacher, student_spec, teacher_cache_key, teacher_maps
 from .errors import InputError
-from .runtime import resolve_device
+from .runtime import own_peak_rss_mb, resolve_device
 
 
 # ============================================================================ student vs teacher
@@ -138,7 +138,7 @@ def student_vs_teacher(run_dir: str | Path, cases: Sequence, device: str = "auto
         teacher: ``<condition>-<density>``; default the one the student was distilled from.
         speed_case: id of the volume timed (default the largest of ``cases``).
         isolate: measure speed and memory in a fresh subprocess per model
-            (peak RSS = ``ru_maxrss``; slower, independent of what this process
+            (peak RSS = the child's ``VmHWM``; slower, independent of what this process
             allocated before); otherwise in this process (RSS sampled in a thread).
         return_maps: also return ``"maps": {id: {"teacher", "student"}}`` (not JSON).
 
@@ -221,9 +221,7 @@ def _measure_subprocess(run_dir: Path, which: str, case_id: str, device: str, te
 
 
 def _measure_child(arg: str) -> None:
-    """Subprocess entry: load one model, time it on one case, print JSON (with ``ru_maxrss``)."""
-    import resource
-
+    """Subprocess entry: load one model, time it on one case, print JSON (with its own peak RSS)."""
     from .data.cohort import load_case
     from .inference import Screener
 
@@ -236,9 +234,9 @@ def _measure_child(arg: str) -> None:
         condition, density = split_teacher(a["teacher"])
         screener = Screener.from_run(a["run_dir"], density, condition, device=a["device"], overlap=a["overlap"],
                                      sw_batch=a["sw_batch"])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    before = own_peak_rss_mb()  # not ru_maxrss: it would include the parent's peak (see own_peak_rss_mb)
     out = measure_inference(screener, np.asarray(case.image), np.asarray(case.body), case.spacing, repeats=a["repeats"])
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    maxrss = own_peak_rss_mb()
     out.update({"maxrss_mb": maxrss, "maxrss_before_mb": before, "rss_increase_mb": maxrss - before})
     print(json.dumps(out), flush=True)
 

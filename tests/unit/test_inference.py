@@ -111,6 +111,23 @@ def test_one_window_covering_the_volume_equals_the_direct_computation(parts, met
     np.testing.assert_allclose(out, direct, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["none-gaussian", "sincos-flow", "learned-flow"])
+def test_the_benchmarks_naive_map_equals_the_windowed_one_where_one_window_covers_the_volume(parts, method):
+    """The naive baseline of ``bench inference`` (stitch features, then the density) computes the
+    same map as the windowed pipeline when there is nothing to blend (inside the body)."""
+    from screener_nb.inference import naive_anomaly_map
+
+    extractor, density = parts[method]
+    image = np.random.default_rng(4).random((48, 48, 32), dtype=np.float32)
+    body = np.ones(image.shape, bool)
+    body[:6] = False
+    s = Screener.from_parts(extractor, density, (48, 48, 32), PARAMS, method, device="cpu", overlap=0.5)
+    windowed = s.score_preprocessed(image, body, (1.5, 1.5, 2.25))
+    with torch.no_grad():
+        naive = naive_anomaly_map(extractor, density, image, (1.5, 1.5, 2.25), (48, 48, 32), overlap=0.5)
+    np.testing.assert_allclose(naive[body], windowed[body], rtol=1e-4, atol=1e-4)
+
+
 def test_anomaly_map_is_on_the_input_grid_and_lines_up(tmp_path):
     """Score = the preprocessed intensity itself: the map brought back must be the
     original scan's windowed intensity, voxel for voxel, with the original affine."""
