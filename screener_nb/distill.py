@@ -168,9 +168,22 @@ def _read_map(path: Path, shape) -> np.ndarray | None:
     return m if tuple(m.shape) == tuple(shape) else None
 
 
-def pooled_body_scores(cases: Sequence, maps: dict[str, np.ndarray]) -> np.ndarray:
-    """The teacher scores of every body voxel of ``cases``, pooled (N,) float64."""
-    parts = [np.asarray(maps[c.id], dtype=np.float64)[np.asarray(c.body, dtype=bool)] for c in cases]
+def pooled_body_scores(cases: Sequence, maps: dict[str, np.ndarray], budget: int = 2_000_000,
+                       seed: int = 0) -> np.ndarray:
+    """Teacher scores of the body voxels of ``cases``, pooled (N,) float64, N <= ``budget``.
+
+    Every body voxel while the cohort has fewer than ``budget``; else an even
+    share per case drawn without replacement (seeded). A quantile table or a
+    mean needs no more, and a paper-scale cohort holds billions of body voxels.
+    """
+    share = max(1, int(budget) // max(1, len(cases)))
+    rng = np.random.default_rng(seed)
+    parts = []
+    for c in cases:
+        v = np.asarray(maps[c.id])[np.asarray(c.body, dtype=bool)]
+        if v.size > share:
+            v = v[np.sort(rng.choice(v.size, size=share, replace=False))]
+        parts.append(v.astype(np.float64))
     values = np.concatenate(parts) if parts else np.zeros(0)
     if values.size == 0:
         raise InputError("training cases", "body voxels to normalise the teacher map", "none")
@@ -416,7 +429,7 @@ def distill_student(cfg: Any, *, callback: Callable[[dict], None] | None = None,
         maps = teacher_maps(run_dir, cases, **kw)  # every map is cached now
     teacher_seconds = time.perf_counter() - t0
     key = files.read_json(folder / MAPS_DIR / "teacher.json")
-    transform = TargetTransform.fit(cfg.target, pooled_body_scores(cases, maps))
+    transform = TargetTransform.fit(cfg.target, pooled_body_scores(cases, maps, seed=cfg.seed))
 
     spec = {"size": cfg.student_size, "in_channels": 1, "out_channels": 1, "patch": [int(p) for p in cfg.patch],
             "teacher": cfg.teacher if teacher_fn is None else key.get("teacher", "custom"), "teacher_key": key,

@@ -187,6 +187,27 @@ def test_distill_target_is_fitted_on_the_body_scores_of_the_teacher(distilled):
     np.testing.assert_allclose(target["quantiles"], np.quantile(pooled, target["probs"]), rtol=1e-6, atol=1e-6)
 
 
+def test_pooled_body_scores_are_capped_at_the_budget_and_drawn_from_the_body():
+    from types import SimpleNamespace
+
+    from screener_nb.distill import pooled_body_scores
+
+    rng = np.random.default_rng(0)
+    cases, maps = [], {}
+    for i in range(3):
+        body = rng.random((20, 20, 10)) < 0.5
+        cases.append(SimpleNamespace(id=f"c{i}", body=body))
+        maps[f"c{i}"] = (np.arange(4000, dtype=np.float32).reshape(20, 20, 10) + 10_000 * i)
+    every = pooled_body_scores(cases, maps)  # under the budget: every body voxel
+    assert every.size == sum(int(c.body.sum()) for c in cases)
+    capped = pooled_body_scores(cases, maps, budget=300, seed=1)
+    assert capped.size == 300 and np.unique(capped).size == 300  # 100 per case, without replacement
+    for i, c in enumerate(cases):
+        mine = capped[(capped >= 10_000 * i) & (capped < 10_000 * (i + 1))]
+        assert mine.size == 100 and np.isin(mine, maps[c.id][c.body]).all()
+    np.testing.assert_array_equal(capped, pooled_body_scores(cases, maps, budget=300, seed=1))
+
+
 def heavy_tailed_scores(n=20000, seed=0):
     """Flow-like scores: a bulk plus a Pareto upper tail hundreds of units above it."""
     rng = np.random.default_rng(seed)
