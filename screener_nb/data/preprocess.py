@@ -357,16 +357,23 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def _border_components(mask: np.ndarray, axes: Sequence[int]) -> np.ndarray:
-    """The connected components of ``mask`` that touch a face of the given axes."""
-    lab, _ = ndimage.label(mask)
-    touching = set()
+    """The voxels of ``mask`` connected (face connectivity) to a face of the given axes.
+
+    A geodesic flood fill from the mask's voxels on those faces
+    (``ndimage.binary_propagation``). Not ``ndimage.label``: its int32 label map
+    costs 4 bytes per voxel (1.2 GB with its temporaries on a 512 x 512 x 300
+    scan, over Binder's 2 GB); the fill needs two bool arrays.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    seed = np.zeros_like(mask)
     for ax in axes:
         for idx in (0, -1):
-            touching.update(np.unique(np.take(lab, idx, axis=ax)).tolist())
-    touching.discard(0)
-    if not touching:
-        return np.zeros_like(mask, dtype=bool)
-    return np.isin(lab, np.fromiter(touching, dtype=lab.dtype))
+            face = [slice(None)] * mask.ndim
+            face[ax] = idx
+            seed[tuple(face)] = mask[tuple(face)]
+    if not seed.any():
+        return seed
+    return ndimage.binary_propagation(seed, mask=mask)
 
 
 def bbox_of(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

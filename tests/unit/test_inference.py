@@ -214,3 +214,28 @@ def test_missing_stage_and_mismatched_dimensions(tmp_path):
         Screener.from_run(run, density="gaussian", condition="none")
     with pytest.raises(InputError, match=r"a fitted 'learned-flow' density model.*only none-gaussian"):
         Screener.from_run(run, density="flow", condition="learned")
+
+
+def test_the_benchmarks_encoder_floor_runs_both_encoders_on_every_window(parts):
+    """``bench inference``'s floor: the descriptor's first channel stitched (equal to a direct
+    encoding where one window covers the volume), the condition encoder run once per window."""
+    from screener_nb.benchmarks.inference import encoders_only_map
+    from screener_nb.ssl.task import encode
+
+    extractor, _ = parts["learned-flow"]
+    calls = []
+    hook = extractor.condition_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        image = np.random.default_rng(5).random((48, 48, 32), dtype=np.float32)
+        with torch.no_grad():
+            one = encoders_only_map(extractor, image, (48, 48, 32), overlap=0.5, sw_batch=2)
+            direct = encode(extractor.descriptor, torch.from_numpy(image)[None, None])[0, 0].float().numpy()
+        np.testing.assert_allclose(one, direct, rtol=1e-5, atol=1e-5)
+        assert sum(calls) == 1
+        calls.clear()
+        big = np.random.default_rng(6).random((80, 48, 32), dtype=np.float32)  # X starts 0, 24, 32: 3 windows
+        with torch.no_grad():
+            encoders_only_map(extractor, big, (48, 48, 32), overlap=0.5, sw_batch=2)
+        assert sum(calls) == 3
+    finally:
+        hook.remove()
