@@ -247,22 +247,41 @@ def naive_anomaly_map(extractor: FeatureExtractor, density: nn.Module, image: np
                       overlap: float = 0.5, sw_batch: int = 2) -> np.ndarray:
     """The straightforward way, for the benchmark: stitch the full-resolution
     descriptor and condition maps of the whole volume with MONAI, then pool
-    and apply the density. Memory grows with D + C channels of the whole CT."""
+    and apply the density. Memory grows with D + C channels of the whole CT.
+
+    Windows run on the extractor's device (bf16 on CUDA, as in :class:`Screener`);
+    the stitched maps live in CPU memory, as the windowed pipeline's map does.
+    """
+    from .models.density import pool_features, upsample_scores
+
+    dev = next(extractor.parameters()).device
+    x = torch.from_numpy(np.asarray(image, np.float32))[None, None]
+    feats = [stitch_encoder(extractor.descriptor, x, patch, overlap, sw_batch)]
+    if extractor.condition_kind == "learned":
+        feats.append(stitch_encoder(extractor.condition_encoder, x, patch, overlap, sw_batch))
+    y = pool_features(feats[0], extractor.pool_stride).to(dev)
+    c = pool_features(feats[1], extractor.pool_stride).to(dev) if len(feats) > 1 else None
+    if extractor.condition_kind == "sincos":
+        c = extractor.sincos(torch.zeros(1, 3), tuple(y.shape[2:])).to(dev)
+    nll = -density.log_prob(y, c).float().cpu()
+    return upsample_scores(nll, tuple(x.shape[2:]))[0].numpy()
+
+
+def stitch_encoder(encoder: nn.Module, x: torch.Tensor, patch, overlap: float, sw_batch: int,
+                   channels: int | None = None) -> torch.Tensor:
+    """(1, C, X, Y, Z) float32 on the CPU: an encoder's full-resolution map of the
+    whole image ``x`` (1, 1, X, Y, Z), Gaussian-blended MONAI sliding windows run on the
+    encoder's device. ``channels``: keep only the first ones (the encoder still computes all)."""
     from monai.inferers import sliding_window_inference
 
-    from .models.density import pool_features, upsample_scores
     from .ssl.task import encode
 
-    x = torch.from_numpy(np.asarray(image, np.float32))[None, None]
-    feats = [sliding_window_inference(x, tuple(patch), sw_batch, lambda w: encode(extractor.descriptor, w).float(),
-                                      overlap=overlap, mode="gaussian")]
-    if extractor.condition_kind == "learned":
-        feats.append(sliding_window_inference(
-            x, tuple(patch), sw_batch, lambda w: encode(extractor.condition_encoder, w).float(),
-            overlap=overlap, mode="gaussian"))
-    y = pool_features(feats[0], extractor.pool_stride)
-    c = pool_features(feats[1], extractor.pool_stride) if len(feats) > 1 else None
-    if extractor.condition_kind == "sincos":
-        c = extractor.sincos(torch.zeros(1, 3), tuple(y.shape[2:]))
-    nll = -density.log_prob(y, c)
-    return upsample_scores(nll, tuple(x.shape[2:]))[0].numpy()
+    dev = next(encoder.parameters()).device
+
+    def predictor(w: torch.Tensor) -> torch.Tensor:
+        with autocast(dev):
+            out = encode(encoder, w)
+        return out[:, :channels].float()
+
+    return sliding_window_inference(x, tuple(patch), sw_batch, predictor, overlap=overlap, mode="gaussian",
+                                    sw_device=dev, device=torch.device("cpu"))

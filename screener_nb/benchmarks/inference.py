@@ -52,6 +52,10 @@ def demo_pipeline(run: str | None, method: str = "learned-flow", device: str = "
     from ..density_fit import build_density_model
     from ..ssl.task import build_encoder, encoder_spec
 
+    import torch
+
+    # seeded: each mode runs in its own process, and their maps are compared
+    torch.manual_seed(0)
     enc = {}
     for stage in ("descriptor", "condition"):
         cfg = config.resolve(stage, profile="demo")
@@ -75,23 +79,18 @@ def encoders_only_map(extractor, image, patch, overlap: float, sw_batch: int):
     """(X, Y, Z) float32: the encoders' work of a sliding-window map and nothing else.
 
     Each window goes through the descriptor (and the learned condition) encoder;
-    the predictor returns one channel (the descriptor's first), so the
-    stitching is as cheap as in the windowed pipeline and the density is skipped.
+    one channel is stitched per encoder (as cheap as the windowed pipeline's
+    stitching) and no density is evaluated. Returns the descriptor's first channel.
     """
     import numpy as np
     import torch
-    from monai.inferers import sliding_window_inference
 
-    from ..ssl.task import encode
-
-    def predictor(win):
-        first = encode(extractor.descriptor, win)[:, :1].float()
-        if extractor.condition_kind == "learned":
-            encode(extractor.condition_encoder, win)  # computed (eager torch), its output dropped
-        return first
+    from ..inference import stitch_encoder
 
     x = torch.from_numpy(np.asarray(image, np.float32))[None, None]
-    out = sliding_window_inference(x, tuple(patch), sw_batch, predictor, overlap=overlap, mode="gaussian")
+    out = stitch_encoder(extractor.descriptor, x, patch, overlap, sw_batch, channels=1)
+    if extractor.condition_kind == "learned":
+        stitch_encoder(extractor.condition_encoder, x, patch, overlap, sw_batch, channels=1)
     return out[0, 0].numpy()
 
 
@@ -108,7 +107,8 @@ def _child(args) -> None:
     from ..data.preprocess import preprocess
     from ..inference import naive_anomaly_map
 
-    screener, _ = demo_pipeline(args.run, args.method)
+    screener, _ = demo_pipeline(args.run, args.method, device=args.device)
+    cuda = screener.device.type == "cuda"
     rss0 = own_peak_rss_mb()
     out: dict = {"mode": args.mode}
     volume = read_volume(args.volume)
@@ -127,7 +127,11 @@ def _child(args) -> None:
             # the same window function, minus the in-window density: stitch features, then density
             score = naive_anomaly_map(screener.extractor, screener.density, pre.image, pre.spacing, screener.patch,
                                       overlap=screener.overlap, sw_batch=screener.sw_batch)
+        if cuda:
+            torch.cuda.synchronize()
         out["score_s"] = time.perf_counter() - t0
+    if cuda:
+        out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if args.mode == "windowed":
         from ..data.preprocess import to_original_grid
 
@@ -143,7 +147,8 @@ def _child(args) -> None:
 
 def _measure(mode: str, volume: Path, save: Path, args) -> dict:
     cmd = [sys.executable, "-m", "screener_nb.benchmarks.inference", CHILD_FLAG, "--mode", mode,
-           "--volume", str(volume), "--save", str(save), "--threads", str(args.threads), "--method", args.method]
+           "--volume", str(volume), "--save", str(save), "--threads", str(args.threads), "--method", args.method,
+           "--device", args.device]
     if args.run:
         cmd += ["--run", args.run]
     env = {**os.environ, "SCREENER_HEADLESS": "1", "OMP_NUM_THREADS": str(args.threads)}
@@ -190,7 +195,8 @@ def _report(name: str, rows: list[dict]) -> None:
         print(f"  {r['mode']:<9} scoring {r['score_s']:7.1f} s = {vps / 1e6:6.2f} M original voxels/s "
               f"({r['n_voxels_pre'] / r['score_s'] / 1e6:5.2f} M preprocessed/s); preprocessing "
               f"{r['preprocess_s']:.1f} s; peak RSS {r['peak_rss_mb']:7.0f} MB "
-              f"(after imports {r['rss_after_imports_mb']:.0f} MB)")
+              f"(after imports {r['rss_after_imports_mb']:.0f} MB)"
+              + (f"; GPU peak {r['gpu_peak_mb']:.0f} MB" if "gpu_peak_mb" in r else ""))
     if "windowed" in ok:
         w = ok["windowed"]
         total = w["preprocess_s"] + w["score_s"] + w.get("back_to_original_s", 0.0)
@@ -226,10 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", help="a trained run directory (default: the demo architecture, untrained)")
     ap.add_argument("--method", default="learned-flow", help="<condition>-<density> (default learned-flow)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default: issue 4's 2-core target) | auto | cuda; windows run there, maps stitch on the CPU")
     ap.add_argument("--shape", default="512,512,300", help="synthetic CT shape (X,Y,Z)")
     ap.add_argument("--skip-naive", action="store_true", help="time only the windowed pipeline")
     ap.add_argument("--skip-floor", action="store_true", help="do not time the encoders alone")
     ap.add_argument("--skip-synthetic", action="store_true", help="only the LIDC sample")
+    ap.add_argument("--skip-lidc", action="store_true", help="only the synthetic CT")
     ap.add_argument("--skip-student", action="store_true", help="do not time the run's distilled student")
     args = ap.parse_args(argv)
     if args.child:
@@ -239,17 +248,18 @@ def main(argv: list[str] | None = None) -> int:
     from ..runtime import environment_report
 
     env = environment_report()
-    _, what = demo_pipeline(args.run, args.method)
-    print(f"bench inference: {args.method}, {what}; {args.threads} torch threads on {env['cpu_count']} cores, "
-          f"torch {env['packages'].get('torch')}")
+    screener, what = demo_pipeline(args.run, args.method, device=args.device)
+    print(f"bench inference: {args.method}, {what}; device {screener.device}; {args.threads} torch threads on "
+          f"{env['cpu_count']} cores, torch {env['packages'].get('torch')}")
+    del screener
     modes = ["windowed"] + ([] if args.skip_naive else ["naive"]) + ([] if args.skip_floor else ["encoders"])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cases = []
-        lidc = _lidc_case()
+        lidc = None if args.skip_lidc else _lidc_case()
         if lidc is not None:
             cases.append(("LIDC-IDRI-0001 (real)", lidc))
-        else:
+        elif not args.skip_lidc:
             print("  LIDC-IDRI-0001 sample not fetched (make data-samples): skipped")
         if not args.skip_synthetic:
             shape = tuple(int(v) for v in args.shape.split(","))
