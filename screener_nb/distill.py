@@ -75,12 +75,13 @@ def teacher_cache_key(run_dir: Path, teacher: str, overlap: float) -> dict:
     return {"teacher": teacher, "overlap": overlap, "weights": stamp}
 
 
-def split_teacher(teacher: str) -> tuple[str, str]:
+def split_teacher(teacher: str, name: str = "teacher") -> tuple[str, str]:
+    """``"learned-flow" -> ("learned", "flow")``; a clear error naming parameter ``name`` otherwise."""
     from .inference import check_method
 
     parts = str(teacher).split("-")
     if len(parts) != 2:
-        raise ConfigError(f"parameter 'teacher': expected <condition>-<density> (e.g. learned-flow), found {teacher!r}")
+        raise ConfigError(f"parameter {name!r}: expected <condition>-<density> (e.g. learned-flow), found {teacher!r}")
     check_method(*parts)
     return parts[0], parts[1]
 

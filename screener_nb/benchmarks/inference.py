@@ -41,18 +41,19 @@ CHILD_FLAG = "--child"
 
 # ----------------------------------------------------------------------------- building the pipeline
 def demo_pipeline(run: str | None, method: str = "learned-flow", device: str = "cpu"):
-    """(Screener, description): the run's trained pipeline, or the demo architecture at random init."""
+    """The run's trained pipeline (a :class:`Screener`), or the demo architecture at random init."""
+    import torch
+
     from .. import config
+    from ..distill import split_teacher
     from ..inference import FeatureExtractor, Screener
     from ..data.preprocess import PreprocessParams
 
-    condition, density = method.split("-")
+    condition, density = split_teacher(method, "--method")
     if run:
-        return Screener.from_run(run, density, condition, device=device), f"trained run {run}"
+        return Screener.from_run(run, density, condition, device=device)
     from ..density_fit import build_density_model
     from ..ssl.task import build_encoder, encoder_spec
-
-    import torch
 
     # seeded: each mode runs in its own process, and their maps are compared
     torch.manual_seed(0)
@@ -72,7 +73,7 @@ def demo_pipeline(run: str | None, method: str = "learned-flow", device: str = "
     params = PreprocessParams(spacing=tuple(dcfg_data.target_spacing))
     screener = Screener.from_parts(extractor, model, tuple(dcfg.patch), params, method, device=device,
                                    overlap=0.5, sw_batch=2)
-    return screener, "demo architecture, random init (speed does not depend on the weights)"
+    return screener
 
 
 def encoders_only_map(extractor, image, patch, overlap: float, sw_batch: int):
@@ -107,7 +108,7 @@ def _child(args) -> None:
     from ..data.preprocess import preprocess
     from ..inference import naive_anomaly_map
 
-    screener, _ = demo_pipeline(args.run, args.method, device=args.device)
+    screener = demo_pipeline(args.run, args.method, device=args.device)
     cuda = screener.device.type == "cuda"
     rss0 = own_peak_rss_mb()
     out: dict = {"mode": args.mode}
@@ -245,13 +246,16 @@ def main(argv: list[str] | None = None) -> int:
         _child(args)
         return 0
 
-    from ..runtime import environment_report
+    from ..distill import split_teacher
+    from ..runtime import environment_report, resolve_device
 
     env = environment_report()
-    screener, what = demo_pipeline(args.run, args.method, device=args.device)
-    print(f"bench inference: {args.method}, {what}; device {screener.device}; {args.threads} torch threads on "
+    # checked here, built only in the children: the parent holds no model (nor a CUDA context)
+    split_teacher(args.method, "--method")
+    device = resolve_device(args.device)
+    what = f"trained run {args.run}" if args.run else "demo architecture, random init (speed does not depend on the weights)"
+    print(f"bench inference: {args.method}, {what}; device {device}; {args.threads} torch threads on "
           f"{env['cpu_count']} cores, torch {env['packages'].get('torch')}")
-    del screener
     modes = ["windowed"] + ([] if args.skip_naive else ["naive"]) + ([] if args.skip_floor else ["encoders"])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

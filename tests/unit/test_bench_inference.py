@@ -5,6 +5,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+from screener_nb.errors import ConfigError
+
 
 def test_bench_inference_measures_three_modes_and_their_maps_agree():
     out = subprocess.run([sys.executable, "-m", "screener_nb", "bench", "inference", "--skip-lidc",
@@ -19,3 +23,12 @@ def test_bench_inference_measures_three_modes_and_their_maps_agree():
     # body's voxels alike: with unseeded weights per process this was 0.08
     rho = float(re.search(r"Spearman ([-\d.]+)", text).group(1))
     assert rho > 0.8, text
+
+
+@pytest.mark.parametrize("method, message", [("learned", "expected <condition>-<density>"),
+                                             ("learned-flw", "unknown density 'flw'")])
+def test_bench_inference_rejects_a_bad_method_before_measuring(method, message):
+    from screener_nb.benchmarks.inference import main
+
+    with pytest.raises(ConfigError, match=message):
+        main(["--method", method, "--skip-lidc"])
