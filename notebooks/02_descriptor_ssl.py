@@ -37,6 +37,7 @@ loss = None  # vicreg | infonce
 patch = None  # crop size (X, Y, Z) after resizing (paper 96, 96, 64)
 n_pairs = None  # voxel pairs per crop pair (paper 1024)
 expander_width = None  # VICReg expander width (paper 8192)
+color_augment = None  # paper | no_intensity (blur/sharpen + noise only: features keep absolute intensity)
 lr = None  # peak learning rate
 warmup = None  # warm-up steps
 checkpoint_every = None  # steps between atomic checkpoints

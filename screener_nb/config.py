@@ -87,6 +87,9 @@ _SSL = {
     "patch": _p(tuple, _prof((48, 48, 32), (32, 32, 32), (96, 96, 64)), "crop size (X, Y, Z) voxels after resizing"),
     "n_pairs": _p(int, _prof(256, 512, 1024), "voxel pairs sampled per crop pair"),
     "expander_width": _p(int, _prof(256, 512, 8192), "VICReg expander MLP width"),
+    "color_augment": _p(str, "paper", "colour augmentations of the views: paper (blur/sharpen, noise, brightness, "
+                        "contrast, gamma) | no_intensity (blur/sharpen and noise only: the features keep absolute "
+                        "intensity)", ("paper", "no_intensity")),
 }
 
 STAGES: dict[str, dict] = {
@@ -111,9 +114,23 @@ STAGES: dict[str, dict] = {
         "notebook": "03_condition_ssl",
         "params": {
             **_SSL,
+            # quick / demo: the context condition (a masked predictor of the descriptor on the density
+            # grid, masked inference; README "Departures"); full: the paper's masked full-resolution UNet
+            "condition_model": _p(str, _prof("context", "context", "masked_unet"),
+                                  "context (masked descriptor prediction on the density grid) | masked_unet (the paper's)",
+                                  ("context", "masked_unet")),
+            "steps": _p(int, _prof(60, 600, 300_000), "optimiser steps"),
+            "lr": _p(float, _prof(2e-3, 2e-3, 3e-4), "peak learning rate (AdamW)"),
             "mask_ratio": _p(float, 0.6, "fraction of blocks hidden in a masked view"),
-            "mask_prob": _p(float, 0.5, "probability that a view is masked"),
-            "mask_grid": _p(tuple, (4, 4, 4), "blocks per axis (96x96x64 crop -> 24x24x16 blocks)"),
+            "mask_prob": _p(float, 0.5, "probability that a view is masked (masked_unet)"),
+            "mask_grid": _p(tuple, (4, 4, 4), "blocks per axis (masked_unet; 96x96x64 crop -> 24x24x16 blocks)"),
+            "context_block": _p(int, 4, "context: side of a hidden block, in grid cells (4 cells = 18 mm)"),
+            "context_window": _p(int, 32, "context: training window side, in grid cells"),
+            "context_phase_prob": _p(float, 0.5, "context: share of training masks drawn like the inference masks"),
+            "context_heteroscedastic": _p(bool, False, "context: also predict the log-variance (Gaussian NLL loss)"),
+            "pool_stride": _p(tuple, (3, 3, 2), "context: the density grid's pooling stride (as in stage 04)"),
+            "descriptor_patch": _p(tuple, _prof((48, 48, 32), (48, 48, 32), (96, 96, 64)),
+                                   "context: descriptor window (X, Y, Z) voxels for the scans' grids"),
         },
     },
     "density": {

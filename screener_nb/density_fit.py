@@ -130,6 +130,78 @@ class DensityTask:
         return sum(nll.values()), logs
 
 
+class ScanDensityTask:
+    """:class:`screener_nb.train.TrainTask` for a :class:`DensityEnsemble` on cached scan grids.
+
+    The frozen encoders ran once per training scan (:func:`scan_grids`); a sample is a
+    window of ``cells`` grid cells of one scan (zero-padded past its end), sin-cos codes
+    are made for the window's position on the fly. The loss of each model is its mean NLL
+    over the window's body cells (air outside the body would only teach the density air).
+    """
+
+    def __init__(self, grids: list[dict], features: "SharedFeatures", conditions: dict, cells, noise_std: float = 0.1):
+        if not grids:
+            raise InputError("density training", "at least one training scan", "none")
+        self.grids, self.features, self.cells = grids, features, tuple(int(c) for c in cells)
+        self.conditions, self.noise_std = dict(conditions), noise_std
+
+    def sample(self, rng: np.random.Generator) -> dict:
+        from .ssl.context_task import _crop
+
+        g = self.grids[int(rng.integers(len(self.grids)))]
+        shape = g["body"].shape
+        start = [int(rng.integers(0, max(1, n - s + 1))) for n, s in zip(shape, self.cells)]
+        out = {"y": _crop(g["y"], start, self.cells), "body": _crop(g["body"][None], start, self.cells)[0],
+               "cell_start": np.asarray(start, np.float64)}
+        if g.get("learned") is not None:
+            out["learned"] = _crop(g["learned"], start, self.cells)
+        out["spacing"] = np.asarray(g["spacing"], np.float64)
+        return out
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        y, body = batch["y"], batch["body"]
+        stride = torch.tensor(self.features.base.pool_stride, dtype=torch.float64)
+        kinds = set(self.conditions.values())
+        conds = {"none": None, "learned": batch.get("learned")}
+        if "sincos" in kinds:
+            view = self.features.views["sincos"]
+            origin = batch["cell_start"].double().cpu() * stride * batch["spacing"].double().cpu()
+            conds["sincos"] = view.sincos(origin, tuple(y.shape[2:])).to(y.device, y.dtype)
+        ys, cs = {}, {}
+        for name, kind in self.conditions.items():  # independent noise per model, as in a separate fit
+            ys[name] = y + self.noise_std * torch.randn_like(y)
+            c = conds[kind]
+            cs[name] = None if c is None else c + self.noise_std * torch.randn_like(c)
+        n = body.sum().clamp_min(1.0)
+        nll = {name: -(lp * body).sum() / n for name, lp in model(ys, cs).items()}
+        logs = {}
+        for name, v in nll.items():
+            logs[f"nll_{name}"] = v.item()
+            logs[f"nll_per_dim_{name}"] = v.item() / y.shape[1]
+        return sum(nll.values()), logs
+
+
+def scan_grids(cases: list, features: "SharedFeatures", patch, overlap: float = 0.25,
+               progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Each training scan's pooled descriptor ``y`` (D, x, y, z) and learned condition (float16),
+    body cells and spacing: what :class:`ScanDensityTask` crops from."""
+    import time
+
+    base = features.base
+    out = []
+    for i, case in enumerate(cases):
+        t0 = time.perf_counter()
+        x = torch.from_numpy(np.array(case.image, dtype=np.float32))[None, None]
+        y, c = base.scan_features(x, patch, overlap)
+        body = torch.nn.functional.avg_pool3d(torch.from_numpy(np.asarray(case.body, np.float32))[None, None],
+                                              base.pool_stride, base.pool_stride)[0, 0] > 0.5
+        out.append({"y": y[0].cpu().half(), "learned": None if c is None else c[0].cpu().half(), "body": body,
+                    "spacing": tuple(case.spacing)})
+        if progress:
+            progress(f"[density] features of {case.id} ({i + 1}/{len(cases)}) in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
 class _LogProb(nn.Module):
     """Wrap a density so DDP sees ``forward(y, c) = log_prob(y, c)``."""
 
@@ -159,15 +231,19 @@ def _extractor(run_dir: Path, condition: str, spacing, pool_stride, sincos_dim, 
     descriptor = load_encoder(run_dir, "descriptor", device=device)
     cond_enc = None
     if condition == "learned":
+        from .ssl.context_task import is_context, load_context
+
         files.require_stage(run_dir, "condition")
-        cond_enc = load_encoder(run_dir, "condition", device=device)
+        cond_enc = (load_context(run_dir, device=device) if is_context(run_dir)
+                    else load_encoder(run_dir, "condition", device=device))
     return FeatureExtractor(descriptor, condition, cond_enc, spacing, pool_stride, sincos_dim).to(device).eval()
 
 
 JOINT_DIR = "joint_fit"  # checkpoint + log of the ensemble (resume); each model is exported to <condition>-<density>/
 
 
-def fit_densities(cfg: Any, *, callback: Callable[[str, dict], None] | None = None) -> dict[str, Path]:
+def fit_densities(cfg: Any, *, callback: Callable[[str, dict], None] | None = None,
+                  progress: Callable[[str], None] | None = print) -> dict[str, Path]:
     """Fit every (condition, density) pair the config asks for, side by side; return their folders.
 
     The ensemble trains through the shared loop in ``density/joint_fit/``
@@ -208,8 +284,20 @@ def fit_densities(cfg: Any, *, callback: Callable[[str, dict], None] | None = No
             callback(name, _model_row(row, name))
 
     settings = TrainSettings.from_config(cfg)
-    fit(ensemble, DensityTask(cases, features, ensemble.conditions, cfg.patch, cfg.noise_std), settings,
-        stage / JOINT_DIR, callback=split_row if callback else None, desc="density")
+    from .ssl.context_task import is_context
+
+    if is_context(run_dir):  # the context condition needs whole scans: encode each once, fit on its grid
+        made = files.read_json(run_dir / "condition" / "model.json")
+        if tuple(made["pool_stride"]) != tuple(cfg.pool_stride):
+            raise InputError(run_dir / "condition" / "model.json", f"a context condition on this stage's grid "
+                             f"(pool_stride {tuple(cfg.pool_stride)})", f"pool_stride {tuple(made['pool_stride'])} "
+                             "(give both stages the same pool_stride)")
+        grids = scan_grids(cases, features, cfg.patch, cfg.overlap, progress=progress)
+        cells = [p // s for p, s in zip(cfg.patch, cfg.pool_stride)]
+        task = ScanDensityTask(grids, features, ensemble.conditions, cells, cfg.noise_std)
+    else:
+        task = DensityTask(cases, features, ensemble.conditions, cfg.patch, cfg.noise_std)
+    fit(ensemble, task, settings, stage / JOINT_DIR, callback=split_row if callback else None, desc="density")
     joint = load_checkpoint(stage / JOINT_DIR)
     rows = read_log_rows(stage / JOINT_DIR / LOG)
     out = {}

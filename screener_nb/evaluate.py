@@ -581,6 +581,8 @@ class JointDensityScorer:
                                            s.extractor.pool_stride, s.extractor.sincos_dim)
                        for m, s in screeners.items() if self.kinds[m] == "sincos"}
         self.densities = {m: s.density for m, s in screeners.items()}
+        self.mode = first.mode
+        self.extractors = {m: s.extractor for m, s in screeners.items()}
 
     def score_all(self, image: np.ndarray, body: np.ndarray, spacing, methods: Sequence[str] | None = None,
                   *, source: str = "volume") -> dict[str, np.ndarray]:
@@ -598,6 +600,19 @@ class JointDensityScorer:
         body = np.asarray(body, dtype=bool)
         _check_image(image, body, self.patch, spacing, source)
         spacing_t = torch.tensor(tuple(spacing), dtype=torch.float64)
+        if self.mode == "scan":
+            from .inference import scan_scores
+
+            x = torch.from_numpy(image)[None, None]
+            with autocast(self.device):
+                scored = scan_scores(self.base, {m: self.densities[m] for m in methods}, x, self.patch,
+                                     self.overlap, self.sw_batch, extractors=self.extractors)
+            maps = {}
+            for m in methods:
+                score = scored[m].numpy().astype(np.float32)
+                score[~body] = score[body].min()
+                maps[m] = score
+            return maps
 
         def predictor(win, slices):
             starts = torch.tensor([[sl.start for sl in ss[2:]] for ss in slices], dtype=torch.float64)
@@ -629,7 +644,7 @@ def joint_key(screener: Any) -> tuple:
     """What density methods must share to be scored in one pass."""
     e = screener.extractor
     return (tuple(screener.patch), tuple(e.pool_stride), tuple(float(v) for v in e.spacing), str(screener.device),
-            float(screener.overlap), int(screener.sw_batch))
+            float(screener.overlap), int(screener.sw_batch), screener.mode)
 
 
 def _check_image(image: np.ndarray, body: np.ndarray, patch, spacing, source: str) -> None:

@@ -30,6 +30,9 @@ from .runtime import autocast, resolve_device
 
 CONDITIONS = ("none", "sincos", "learned")
 DENSITIES = ("gaussian", "flow")
+#: ``window``: the paper's -- the density inside each window, only the score map stitched;
+#: ``scan``: pooled descriptor and condition of the whole scan, then the density once per cell
+INFERENCE_MODES = ("window", "scan")
 
 
 def method_name(condition: str, density: str) -> str:
@@ -74,6 +77,12 @@ class FeatureExtractor(nn.Module):
     def dim(self) -> int:
         return int(self.descriptor.spec["out_channels"])
 
+    @property
+    def context(self) -> bool:
+        """Whether the learned condition is the context condition (:mod:`screener_nb.models.context`),
+        whose value at a cell depends on the whole scan: such runs are scored scan by scan."""
+        return self.condition_encoder is not None and self.condition_encoder.spec.get("kind") == "context"
+
     def forward(self, x: torch.Tensor, origin_mm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         from .models.density import pool_features
         from .ssl.task import encode
@@ -82,8 +91,35 @@ class FeatureExtractor(nn.Module):
         if self.condition_kind == "none":
             return y, None
         if self.condition_kind == "learned":
+            if self.context:  # the window is all the context there is here
+                return y, torch.cat([self._context(w[None]) for w in x])
             return y, pool_features(encode(self.condition_encoder, x).float(), self.pool_stride)
         return y, self.sincos(origin_mm, tuple(y.shape[2:])).to(y.device, y.dtype)
+
+    def _context(self, x: torch.Tensor) -> torch.Tensor:
+        from .models.context import coarse_image
+
+        net = self.condition_encoder
+        return net.condition_map(coarse_image(x.float(), self.pool_stride), window=net.window).to(x.device)
+
+    def scan_features(self, x: torch.Tensor, patch, overlap: float = 0.25, sw_batch: int = 2,
+                      y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pooled descriptor and condition of a whole scan ``x`` (1, 1, X, Y, Z) in [0, 1]:
+        (1, D, x, y, z) and (1, C, x, y, z) | None on the extractor's device, with
+        (x, y, z) = (X, Y, Z) // pool_stride. Encoders run in ``patch``-sized windows
+        (:func:`pooled_map`); the context condition sees the whole scan's coarse grid.
+        ``y``: the descriptor's map when already computed (it is then returned as is)."""
+        dev = next(self.descriptor.parameters()).device
+        if y is None:
+            y = pooled_map(self.descriptor, x, patch, self.pool_stride, overlap, sw_batch).to(dev)
+        grid = tuple(y.shape[2:])
+        if self.condition_kind == "none":
+            return y, None
+        if self.condition_kind == "sincos":  # origin 0: the scan's first voxel, as in the windows' codes
+            return y, self.sincos(torch.zeros(1, 3, dtype=torch.float64), grid).to(dev, y.dtype)
+        if self.context:
+            return y, self._context(x.to(dev))
+        return y, pooled_map(self.condition_encoder, x, patch, self.pool_stride, overlap, sw_batch).to(dev)
 
     def sincos(self, origin_mm: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(B, sincos_dim, *grid) position codes of the pooled cells of crops starting at ``origin_mm`` (B, 3)."""
@@ -128,12 +164,19 @@ class Screener:
         # the frozen parts when built by from_parts (None for a student): for benchmarks and figures
         self.extractor: FeatureExtractor | None = None
         self.density: nn.Module | None = None
+        self.mode = "window"
+        #: ``(1, 1, X, Y, Z) image -> (X, Y, Z) scores`` of a whole scan (scan mode), else None
+        self.score_scan: Callable | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_run(cls, run_dir: str | Path, density: str = "flow", condition: str = "learned", *,
-                 student: bool = False, device: str = "auto", overlap: float = 0.5, sw_batch: int = 2) -> "Screener":
-        """Rebuild a run's frozen pipeline; raises a clear error when a stage is missing."""
+                 student: bool = False, device: str = "auto", overlap: float = 0.5, sw_batch: int = 2,
+                 mode: str | None = None) -> "Screener":
+        """Rebuild a run's frozen pipeline; raises a clear error when a stage is missing.
+
+        ``mode`` (:data:`INFERENCE_MODES`): None = ``scan`` for runs whose condition is the
+        context condition, else the paper's ``window``."""
         from .data.cohort import read_index
         from .data.preprocess import PreprocessParams
 
@@ -154,9 +197,13 @@ class Screener:
             return cls(score, patch, params, "student", dev, overlap, sw_batch)
         from .density_fit import load_density
 
+        from .ssl.context_task import is_context
+
         extractor, model, patch = load_density(run_dir, condition, density, device=dev)
+        # every density method of a run with the context condition is scored the same way (a fair ablation)
+        mode = mode or ("scan" if is_context(run_dir) else "window")
         return cls.from_parts(extractor, model, patch, params, method_name(condition, density),
-                              device=dev, overlap=overlap, sw_batch=sw_batch)
+                              device=dev, overlap=overlap, sw_batch=sw_batch, mode=mode)
 
     @classmethod
     def from_parts(cls, extractor: "FeatureExtractor", density: nn.Module, patch, preprocess_params,
@@ -172,13 +219,22 @@ class Screener:
         dev = resolve_device(kwargs.pop("device", "auto"))
         extractor, density = extractor.to(dev).eval(), density.to(dev).eval()
 
+        mode = kwargs.pop("mode", None) or ("scan" if extractor.context else "window")
+        if mode not in INFERENCE_MODES:
+            raise ConfigError(f"inference mode: expected one of {', '.join(INFERENCE_MODES)}, found {mode!r}")
+        if mode == "window" and extractor.context:
+            raise ConfigError("the context condition needs the whole scan: use mode='scan'")
+
         def score(x, origin):
             y, c = extractor(x, origin)
             nll = -density.log_prob(y, c)                   # (B, x, y, z) nats
             return upsample_scores(nll, tuple(x.shape[2:]))[:, None]
 
         screener = cls(score, patch, preprocess_params, method, device=dev, **kwargs)
-        screener.extractor, screener.density = extractor, density
+        screener.extractor, screener.density, screener.mode = extractor, density, mode
+        if mode == "scan":
+            screener.score_scan = lambda x: scan_scores(extractor, {method: density}, x, screener.patch,
+                                                        screener.overlap, screener.sw_batch)[method]
         return screener
 
     # ------------------------------------------------------------------ maps
@@ -210,11 +266,15 @@ class Screener:
                 return self.score_window(win, starts * spacing_t).float()
 
         x = torch.from_numpy(image)[None, None]
-        out = sliding_window_inference(
-            x, self.patch, self.sw_batch, predictor, overlap=self.overlap, mode="gaussian",
-            sw_device=self.device, device=torch.device("cpu"), progress=progress, with_coord=True,
-        )
-        score = out[0, 0].numpy().astype(np.float32)
+        if self.score_scan is not None:
+            with autocast(self.device):
+                score = self.score_scan(x).float().cpu().numpy().astype(np.float32)
+        else:
+            out = sliding_window_inference(
+                x, self.patch, self.sw_batch, predictor, overlap=self.overlap, mode="gaussian",
+                sw_device=self.device, device=torch.device("cpu"), progress=progress, with_coord=True,
+            )
+            score = out[0, 0].numpy().astype(np.float32)
         body = np.asarray(body, dtype=bool)
         score[~body] = score[body].min()
         return score
@@ -254,6 +314,9 @@ def naive_anomaly_map(extractor: FeatureExtractor, density: nn.Module, image: np
     """
     from .models.density import pool_features, upsample_scores
 
+    if extractor.context:
+        raise ConfigError("naive_anomaly_map compares the paper's window modes; a run with the context "
+                          "condition is scored scan by scan (Screener.score_preprocessed)")
     dev = next(extractor.parameters()).device
     x = torch.from_numpy(np.asarray(image, np.float32))[None, None]
     feats = [stitch_encoder(extractor.descriptor, x, patch, overlap, sw_batch)]
@@ -285,3 +348,69 @@ def stitch_encoder(encoder: nn.Module, x: torch.Tensor, patch, overlap: float, s
 
     return sliding_window_inference(x, tuple(patch), sw_batch, predictor, overlap=overlap, mode="gaussian",
                                     sw_device=dev, device=torch.device("cpu"))
+
+
+def pooled_map(encoder: nn.Module, x: torch.Tensor, patch, stride, overlap: float = 0.25,
+               sw_batch: int = 2) -> torch.Tensor:
+    """(1, C, X // sx, Y // sy, Z // sz) float32 on the CPU: an encoder's map of the whole image
+    ``x`` (1, 1, X, Y, Z), average-pooled with ``stride`` inside each window and blended on the
+    pooled grid (Gaussian weights), windows run on the encoder's device.
+
+    The image is padded so every window starts on a cell boundary: the pooled windows then tile
+    the same global cell grid that :func:`~screener_nb.models.density.pool_features` of the whole
+    map would give (equal when one window covers the image; tested). Memory is that of the
+    pooled map, 1 / (sx * sy * sz) of a full-resolution stitch.
+    """
+    from monai.inferers import sliding_window_inference
+
+    from .models.density import pool_features
+    from .ssl.task import encode
+
+    stride, patch = tuple(int(s) for s in stride), tuple(int(p) for p in patch)
+    if any(p % s for p, s in zip(patch, stride)):
+        raise ConfigError(f"window {patch} must be a multiple of the pooling stride {stride}")
+    intervals = [max(1, int(p * (1 - overlap))) for p in patch]
+    if any(i % s for i, s in zip(intervals, stride)):
+        raise ConfigError(f"overlap {overlap} gives window steps {tuple(intervals)} voxels, not multiples of the "
+                          f"pooling stride {stride}; choose e.g. 0, 0.25 or 0.5")
+    shape = x.shape[2:]
+    grid = [n // s for n, s in zip(shape, stride)]
+    target = [max(p, -(-n // s) * s) for n, p, s in zip(shape, patch, stride)]
+    pad = []
+    for n, t in reversed(list(zip(shape, target))):
+        pad += [0, t - n]
+    xp = torch.nn.functional.pad(x, pad)
+    dev = next(encoder.parameters()).device
+
+    def predictor(w: torch.Tensor) -> torch.Tensor:
+        with autocast(dev):
+            out = encode(encoder, w)
+        return pool_features(out.float(), stride)
+
+    out = sliding_window_inference(xp, patch, sw_batch, predictor, overlap=overlap, mode="gaussian",
+                                   sw_device=dev, device=torch.device("cpu"))
+    return out[..., :grid[0], :grid[1], :grid[2]]
+
+
+@torch.inference_mode()
+def scan_scores(extractor: FeatureExtractor, densities: dict, x: torch.Tensor, patch, overlap: float = 0.25,
+                sw_batch: int = 2, extractors: dict | None = None) -> dict:
+    """Scan-mode anomaly maps: method -> (X, Y, Z) float32 scores (nats) of a whole scan
+    ``x`` (1, 1, X, Y, Z).
+
+    The descriptor runs once; each condition kind once (``extractors``: method -> its
+    extractor sharing this one's descriptor, default ``extractor`` for all); every density
+    scores the whole cell grid, and the cell scores are upsampled to the voxels."""
+    from .models.density import upsample_cells
+
+    extractors = extractors or {m: extractor for m in densities}
+    y, conds = None, {}
+    out = {}
+    for m, density in densities.items():
+        ext = extractors[m]
+        key = (ext.condition_kind, id(ext.condition_encoder))
+        if key not in conds:
+            y, conds[key] = ext.scan_features(x, patch, overlap, sw_batch, y=y)
+        nll = -density.log_prob(y, conds[key])
+        out[m] = upsample_cells(nll.float().cpu(), tuple(x.shape[2:]), ext.pool_stride)[0]
+    return out

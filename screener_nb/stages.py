@@ -11,6 +11,10 @@ from .errors import ConfigError
 
 
 def train_stage(stage: str, cfg: Any, **kwargs):
+    if stage == "condition" and getattr(cfg, "condition_model", "masked_unet") == "context":
+        from .ssl.context_task import train_context
+
+        return train_context(cfg, **kwargs)
     if stage in ("descriptor", "condition"):
         from .ssl.task import train_encoder
 

@@ -107,6 +107,26 @@ def upsample_scores(scores: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(scores[:, None], size=size, mode="trilinear", align_corners=False)[:, 0]
 
 
+def upsample_cells(scores: torch.Tensor, shape, stride=(3, 3, 2)) -> torch.Tensor:
+    """Cell scores of a whole scan (B, x, y, z) -> voxels (B, X, Y, Z).
+
+    The cells of :func:`pool_features` cover the first ``x * sx`` voxels of each axis
+    (floor), so the grid is upsampled (trilinear) onto those voxels and the few
+    voxels past the last full cell repeat its edge."""
+    if scores.ndim != 4:
+        raise InputError("upsample_cells", "score grids (B, x, y, z)", f"shape {tuple(scores.shape)}")
+    shape = tuple(int(n) for n in shape)
+    if any(n // s != g for n, s, g in zip(shape, stride, scores.shape[1:])):
+        raise InputError("upsample_cells", f"the cell grid of a {shape} scan pooled by {tuple(stride)}",
+                         f"grid {tuple(scores.shape[1:])}")
+    covered = [g * s for g, s in zip(scores.shape[1:], stride)]
+    up = F.interpolate(scores[:, None], size=covered, mode="trilinear", align_corners=False)
+    pad = []
+    for n, c in reversed(list(zip(shape, covered))):
+        pad += [0, n - c]
+    return F.pad(up, pad, mode="replicate")[:, 0]
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(B, C, x, y, z) -> (B * x * y * z, C): one row per grid position."""
     return t.movedim(1, -1).reshape(-1, t.shape[1])

@@ -22,6 +22,7 @@ from .. import files
 from ..errors import ConfigError, InputError
 from ..train import TrainResult, TrainSettings, fit, load_checkpoint
 from .losses import DenseSSLHead
+from .augment import ColorAugment
 from .masking import BlockMasking
 from .pairs import PairSampler
 
@@ -73,11 +74,22 @@ def build_encoder(spec: dict) -> nn.Module:
     return build_unet(spec["size"], in_channels=spec["in_channels"], out_channels=spec["out_channels"])
 
 
+def color_augment(name: str) -> ColorAugment:
+    """The views' colour augmentations: ``paper`` (METHOD.md) or ``no_intensity`` (blur/sharpen and
+    noise only, so the features are not taught to ignore a region's absolute intensity)."""
+    if name == "paper":
+        return ColorAugment()
+    if name == "no_intensity":
+        return ColorAugment(brightness_p=0.0, contrast_p=0.0, gamma_p=0.0)
+    raise ConfigError(f"color_augment: expected paper or no_intensity, found {name!r}")
+
+
 def make_sampler(cfg: Any, cases: list) -> PairSampler:
     masking = None
     if cfg.stage == "condition":
         masking = BlockMasking(grid=tuple(cfg.mask_grid), ratio=cfg.mask_ratio, p=cfg.mask_prob)
-    return PairSampler(cases, patch=tuple(cfg.patch), n_pairs=cfg.n_pairs, masking=masking)
+    return PairSampler(cases, patch=tuple(cfg.patch), n_pairs=cfg.n_pairs, masking=masking,
+                       augment=color_augment(getattr(cfg, "color_augment", "paper")))
 
 
 def make_model(cfg: Any) -> SSLModel:

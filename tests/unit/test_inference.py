@@ -239,3 +239,77 @@ def test_the_benchmarks_encoder_floor_runs_both_encoders_on_every_window(parts):
         assert sum(calls) == 3
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5])
+def test_pooled_map_of_a_pointwise_encoder_equals_pooling_the_whole_map(overlap):
+    """A 1x1x1 conv is translation-equivariant, so however the windows tile the scan,
+    the blended pooled map must equal pooling its whole-image output directly."""
+    from screener_nb.inference import pooled_map
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(1, 3, 1).eval()
+    x = torch.rand(1, 1, 50, 41, 29)
+    with torch.no_grad():
+        direct = torch.nn.functional.avg_pool3d(conv(x), (3, 3, 2), (3, 3, 2))
+        out = pooled_map(conv, x, (24, 24, 16), (3, 3, 2), overlap=overlap)
+    assert out.shape == direct.shape == (1, 3, 16, 13, 14)
+    torch.testing.assert_close(out, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_pooled_map_refuses_windows_off_the_cell_grid():
+    from screener_nb.inference import pooled_map
+
+    conv = torch.nn.Conv3d(1, 1, 1)
+    with pytest.raises(ConfigError, match="multiple of the pooling stride"):
+        pooled_map(conv, torch.zeros(1, 1, 30, 30, 30), (25, 24, 16), (3, 3, 2))
+    with pytest.raises(ConfigError, match="overlap"):
+        pooled_map(conv, torch.zeros(1, 1, 30, 30, 30), (24, 24, 16), (3, 3, 2), overlap=0.3)
+
+
+def test_upsample_cells_covers_the_scan_and_repeats_the_last_cell():
+    from screener_nb.models.density import upsample_cells
+
+    grid = torch.arange(4 * 3 * 2, dtype=torch.float32).reshape(1, 4, 3, 2)
+    out = upsample_cells(grid, (13, 10, 5), (3, 3, 2))
+    assert out.shape == (1, 13, 10, 5)
+    # a constant grid stays constant everywhere, the voxels past the last full cell included
+    const = upsample_cells(torch.full((1, 4, 3, 2), 7.0), (13, 10, 5), (3, 3, 2))
+    torch.testing.assert_close(const, torch.full((1, 13, 10, 5), 7.0))
+    # past the covered 12 x 9 x 4 voxels the edge repeats
+    torch.testing.assert_close(out[:, 12], out[:, 11])
+    torch.testing.assert_close(out[:, :, 9], out[:, :, 8])
+    with pytest.raises(InputError, match="cell grid"):
+        upsample_cells(grid, (16, 10, 5), (3, 3, 2))
+
+
+def test_scan_mode_equals_an_independent_whole_scan_computation():
+    """Scan mode: pooled descriptor of the whole scan, the density once per cell, cells upsampled.
+    Checked with a translation-equivariant descriptor (1x1x1 conv) and an unconditional
+    Gaussian whose log-density comes from torch.distributions."""
+    from screener_nb.models.density import build_density, upsample_cells
+
+    torch.manual_seed(1)
+    conv = torch.nn.Conv3d(1, 3, 1).eval()
+    conv.spec = {"in_channels": 1, "out_channels": 3}
+    density = build_density("unconditional_gaussian", 3)
+    with torch.no_grad():
+        density.mean.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        density.log_var.copy_(torch.tensor([0.0, -1.0, 0.5]))
+    extractor = FeatureExtractor(conv, "none", None, (1.5, 1.5, 2.25), (3, 3, 2))
+    s = Screener.from_parts(extractor, density, (24, 24, 16), PARAMS, "none-gaussian", device="cpu",
+                            overlap=0.25, mode="scan")
+    rng = np.random.default_rng(3)
+    image = rng.random((50, 41, 29), dtype=np.float32)
+    body = np.ones(image.shape, bool)
+    body[:5] = False
+    out = s.score_preprocessed(image, body, (1.5, 1.5, 2.25))
+    with torch.no_grad():
+        y = torch.nn.functional.avg_pool3d(conv(torch.from_numpy(image)[None, None]), (3, 3, 2), (3, 3, 2))
+        normal = torch.distributions.Normal(density.mean.view(1, 3, 1, 1, 1), torch.exp(0.5 * density.log_var).view(1, 3, 1, 1, 1))
+        nll = -normal.log_prob(y).sum(1)
+        direct = upsample_cells(nll, image.shape, (3, 3, 2))[0].numpy()
+    direct[~body] = direct[body].min()
+    np.testing.assert_allclose(out, direct, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="inference mode"):
+        Screener.from_parts(extractor, density, (24, 24, 16), PARAMS, "x", device="cpu", mode="tiles")

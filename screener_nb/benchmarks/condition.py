@@ -1,0 +1,412 @@
+"""Condition experiments: per-lesion-kind AUROC of condition designs in minutes.
+
+``python -m screener_nb bench condition --run runs/<run>`` takes a run whose
+data and descriptor stages are done, and:
+
+1. caches, once per case, the descriptor's pooled map y (sliding windows of the
+   density patch), the coarse image (cell mean and std) and the body cells
+   (``<run>/bench_cache/``; the descriptor checkpoint's hash keys the cache);
+2. trains the context condition (:mod:`screener_nb.models.context`) on the
+   training cases' cached grids;
+3. fits densities on the cached grids (no encoder pass per step): unconditional
+   Gaussian, sin-cos Gaussian, context Gaussian and context flow, and for
+   phantoms an *oracle* condition (the smoothed organ map);
+4. prints pooled voxel AUROC per method on the VALIDATION phantoms, per lesion
+   kind, and (``--test``) on the test phantoms and the real lesion cases.
+
+Designs are chosen on the validation cases; ``--test`` is for the final report.
+Every figure is appended as one JSON line to ``--log`` (default
+``<run>/bench_condition.jsonl``).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+STRIDE = (3, 3, 2)
+
+
+def _descriptor_key(run_dir: Path) -> str:
+    h = hashlib.sha256((run_dir / "descriptor" / "checkpoint.pt").read_bytes()).hexdigest()
+    return h[:12]
+
+
+def cache_case(case, descriptor, patch, overlap: float, cache_dir: Path, key: str) -> dict:
+    """Pooled descriptor y (D, x, y, z), coarse image (2, x, y, z), body cells (x, y, z) of a case."""
+    from ..inference import stitch_encoder
+    from ..models.context import coarse_image
+    from ..models.density import pool_features
+
+    path = cache_dir / f"{case.id}-{key}.pt"
+    if path.exists():
+        return torch.load(path)
+    x = torch.from_numpy(np.asarray(case.image, np.float32).copy())[None, None]
+    y = pool_features(stitch_encoder(descriptor, x, patch, overlap, 2), STRIDE)[0]
+    coarse = coarse_image(x, STRIDE)[0]
+    body = F.avg_pool3d(torch.from_numpy(np.asarray(case.body, np.float32))[None, None], STRIDE, STRIDE)[0, 0] > 0.5
+    out = {"y": y.half(), "coarse": coarse, "body": body}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    return out
+
+
+def phantom_kind_labels(run_dir: Path, case):
+    """:func:`_phantom_kind_labels`, cached in ``<run>/bench_cache``."""
+    path = run_dir / "bench_cache" / f"kinds-{case.id}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    out = _phantom_kind_labels(run_dir, case)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    return out
+
+
+def _phantom_kind_labels(run_dir: Path, case) -> tuple[np.ndarray, list[str], np.ndarray] | None:
+    """(per-lesion label (X, Y, Z) uint8 on the preprocessed grid, kinds by label value - 1, organs)
+    of a phantom case, regenerated from its seed (the run stores only the binary union)."""
+    from ..data.build import PHANTOM_SEED_OFFSETS
+    from ..data.cohort import read_index
+    from ..data.phantoms import generate_case
+    from ..data.preprocess import PreprocessParams, preprocess, preprocess_label
+
+    if not case.id.startswith("phantom-"):
+        return None
+    params_path = run_dir / "params.yaml"
+    import yaml
+
+    allp = yaml.safe_load(params_path.read_text()) if params_path.exists() else {}
+    from ..config import resolve
+
+    cfg = resolve("data", {k: v for k, v in (allp or {}).items() if k in ("profile", "seed", "phantom_shape",
+                                                                          "phantom_spacing")})
+    _, role, idx = case.id.split("-")
+    seed = cfg.seed * 100_000 + PHANTOM_SEED_OFFSETS[role] + int(idx)
+    ph = generate_case(seed, lesions=role != "train", shape=tuple(cfg.phantom_shape),
+                       spacing=tuple(cfg.phantom_spacing))
+    pre = preprocess(ph.image, PreprocessParams.from_dict(read_index(run_dir)["preprocess"]), label=ph.label)
+    organs = preprocess_label(ph.organs, pre.record)
+    if pre.label.shape != np.shape(case.body):
+        raise RuntimeError(f"{case.id}: regenerated grid {pre.label.shape} != run's {np.shape(case.body)}")
+    return pre.label, [les["kind"] for les in ph.lesions], organs
+
+
+def train_context(train: list[dict], dim: int, *, steps: int, block: int, window: int, lr: float,
+                  batch: int, seed: int, phase_prob: float, ratio: float, size: str = "tiny",
+                  heteroscedastic: bool = False):
+    from ..models.context import ContextNet, training_mask
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = ContextNet(dim, size=size, block=block, heteroscedastic=heteroscedastic)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-6, eps=1e-3)
+    w = (window,) * 3
+    t0 = time.time()
+    for step in range(steps):
+        lr_now = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + np.cos(np.pi * step / steps))
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+        xs, ms, ys, bs = [], [], [], []
+        for _ in range(batch):
+            c = train[int(rng.integers(len(train)))]
+            grid = c["body"].shape
+            start = [int(rng.integers(0, max(1, n - s + 1))) for n, s in zip(grid, w)]
+            sl = tuple(slice(s, s + k) for s, k in zip(start, w))
+            def crop(t):
+                out = torch.zeros(*t.shape[:-3], *w, dtype=torch.float32)
+                v = t[(...,) + sl].float()
+                out[(...,) + tuple(slice(0, n) for n in v.shape[-3:])] = v
+                return out
+            xs.append(crop(c["coarse"])); ys.append(crop(c["y"])); bs.append(crop(c["body"].float()))
+            ms.append(torch.from_numpy(training_mask(w, block, rng, ratio=ratio, phase_prob=phase_prob)))
+        x, y, b, m = torch.stack(xs), torch.stack(ys), torch.stack(bs)[:, None], torch.stack(ms)[:, None]
+        pred = net(x, m)
+        weight = m * b
+        loss = (net.loss(pred, y) * weight).sum() / weight.sum().clamp_min(1)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  context step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
+    return net.eval()
+
+
+def fit_density(kind: str, pairs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]], *, steps: int,
+                crop: int, batch: int, lr: float, noise: float, seed: int, kernel: int = 1, depth: int = 4,
+                hidden: int = 128):
+    from ..models.density import build_density
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    dim = pairs[0][0].shape[0]
+    cdim = 0 if pairs[0][1] is None else pairs[0][1].shape[0]
+    if kind == "gaussian":
+        model = build_density("gaussian" if cdim else "unconditional_gaussian", dim=dim, cond_dim=cdim,
+                              **({"kernel_size": kernel} if cdim else {}))
+    else:
+        model = build_density("flow", dim=dim, cond_dim=cdim, depth=depth, hidden=hidden)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-6, eps=1e-3)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + np.cos(np.pi * step / steps))
+        ys, cs, bs = [], [], []
+        for _ in range(batch):
+            y, c, body = pairs[int(rng.integers(len(pairs)))]
+            grid = body.shape
+            start = [int(rng.integers(0, max(1, n - crop + 1))) for n in grid]
+            sl = tuple(slice(s, s + crop) for s in start)
+            yy = y[(...,) + sl].float()
+            shp = yy.shape[1:]
+            # crops of unequal size at scan borders: keep to the common minimum
+            ys.append(yy); cs.append(None if c is None else c[(...,) + sl].float()); bs.append(body[sl])
+        m = [min(t.shape[i] for t in bs) for i in range(3)]
+        cut = lambda t: t[(...,) + tuple(slice(0, k) for k in m)]
+        y = torch.stack([cut(t) for t in ys])
+        c = None if cs[0] is None else torch.stack([cut(t) for t in cs])
+        b = torch.stack([cut(t) for t in bs]).float()
+        y = y + noise * torch.randn_like(y)
+        if c is not None:
+            c = c + noise * torch.randn_like(c)
+        lp = model.log_prob(y, c)
+        loss = -(lp * b).sum() / b.sum().clamp_min(1)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return model.eval()
+
+
+def upsample_to(grid_scores: torch.Tensor, shape) -> np.ndarray:
+    """(x, y, z) cell scores -> (X, Y, Z) voxels (trilinear; cells cover floor(X / s) * s voxels)."""
+    g = grid_scores[None, None].float()
+    covered = [n * s for n, s in zip(grid_scores.shape, STRIDE)]
+    up = F.interpolate(g, size=covered, mode="trilinear", align_corners=False)[0, 0]
+    pad = [0, shape[2] - covered[2], 0, shape[1] - covered[1], 0, shape[0] - covered[0]]
+    return F.pad(up[None, None], pad, mode="replicate")[0, 0].numpy()
+
+
+def auroc_table(maps: dict[str, dict[str, np.ndarray]], cases: list, kinds: dict) -> dict:
+    """{method: {"pooled": a, kind: a, ...}} pooled over cases, body voxels; kinds[case.id] =
+    (per-lesion label, kind names) or None (binary label: the case's dataset is its kind)."""
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    for method, per_case in maps.items():
+        pos, neg, kind_pos = [], [], {}
+        for c in cases:
+            s = per_case[c.id]
+            body = np.asarray(c.body, bool)
+            lab = np.asarray(c.label) > 0
+            neg.append(s[body & ~lab])
+            pos.append(s[body & lab])
+            if kinds.get(c.id) is not None:
+                klab, names = kinds[c.id][:2]
+                for v, name in enumerate(names, start=1):
+                    kind_pos.setdefault(name, []).append(s[body & (klab == v)])
+            else:
+                kind_pos.setdefault(str(c.dataset), []).append(s[body & lab])
+        n = np.concatenate(neg)
+        rng = np.random.default_rng(0)
+        if n.size > 400_000:  # a fixed random subset of normals: the AUROC's error stays ~1e-3
+            n = rng.choice(n, 400_000, replace=False)
+
+        def auc(p):
+            p = np.concatenate(p)
+            if p.size == 0:
+                return float("nan")
+            return float(roc_auc_score(np.r_[np.ones(p.size), np.zeros(n.size)], np.r_[p, n]))
+
+        out[method] = {"pooled": auc(pos), **{k: auc(v) for k, v in sorted(kind_pos.items())}}
+    return out
+
+
+def print_table(title: str, table: dict) -> None:
+    cols = sorted({k for row in table.values() for k in row if k != "pooled"})
+    print(f"\n{title}")
+    print(f"{'method':<22} {'pooled':>7} " + " ".join(f"{c[:12]:>12}" for c in cols))
+    for m, row in table.items():
+        print(f"{m:<22} {row['pooled']:7.3f} " + " ".join(f"{row.get(c, float('nan')):12.3f}" for c in cols))
+
+
+def organ_condition(organs: np.ndarray, sigma_cells: float = 1.0) -> torch.Tensor:
+    """Oracle condition (15, x, y, z): one-hot organ map pooled to cells, smoothed."""
+    from scipy import ndimage
+
+    from ..data.phantoms import ORGAN_LABELS
+
+    n = len(ORGAN_LABELS)
+    oh = torch.from_numpy(np.eye(n, dtype=np.float32)[organs]).permute(3, 0, 1, 2)[None]
+    cells = F.avg_pool3d(oh, STRIDE, STRIDE)[0].numpy()
+    return torch.from_numpy(np.stack([ndimage.gaussian_filter(ch, sigma_cells) for ch in cells]))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m screener_nb bench condition", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="run directory with finished data + descriptor stages")
+    ap.add_argument("--test", action="store_true", help="also report the test phantoms and the real lesions")
+    ap.add_argument("--steps", type=int, default=600, help="context training steps")
+    ap.add_argument("--block", type=int, default=4, help="mask block side, cells")
+    ap.add_argument("--window", type=int, default=32, help="context window side, cells")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--phase-prob", type=float, default=0.5)
+    ap.add_argument("--ratio", type=float, default=0.6)
+    ap.add_argument("--density-steps", type=int, default=800)
+    ap.add_argument("--noise", type=float, default=0.1)
+    ap.add_argument("--kernel", type=int, default=1, help="conditional Gaussian head kernel")
+    ap.add_argument("--no-oracle", action="store_true")
+    ap.add_argument("--features", default="descriptor", choices=("descriptor", "intensity", "both"),
+                    help="what y is: the descriptor, the cell mean/std of the image, or both")
+    ap.add_argument("--hetero", action="store_true", help="the context also predicts its log-variance")
+    ap.add_argument("--flows", action="store_true", help="also fit the flows (minutes each)")
+    ap.add_argument("--density-crop", type=int, default=16, help="density training crop side, cells")
+    ap.add_argument("--save-maps", default=None, help="folder to save the maps in (npz per group)")
+    ap.add_argument("--tag", default="", help="a name for this experiment in the log")
+    ap.add_argument("--log", default=None)
+    args = ap.parse_args(argv)
+
+    from ..data.cohort import load_cohort, read_index
+    from ..inference import FeatureExtractor
+    from ..ssl.task import load_encoder
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    run_dir = Path(args.run)
+    t0 = time.time()
+    cases = load_cohort(run_dir)
+    spacing = tuple(read_index(run_dir)["preprocess"]["spacing"])
+    descriptor = load_encoder(run_dir, "descriptor")
+    key = _descriptor_key(run_dir)
+    cache_dir = run_dir / "bench_cache"
+    patch = (48, 48, 32)
+    feats = {}
+    for c in cases:
+        if c.role == "val" or c.role == "train" or args.test:
+            feats[c.id] = cache_case(c, descriptor, patch, 0.25, cache_dir, key)
+    print(f"features cached ({time.time() - t0:.0f} s)", flush=True)
+    train_ids = [c.id for c in cases if c.role == "train"]
+    for f in feats.values():
+        f.setdefault("y_descriptor", f["y"])
+        if args.features == "intensity":
+            f["y"] = f["coarse"]
+        elif args.features == "both":
+            f["y"] = torch.cat([f["y_descriptor"].float(), f["coarse"]])
+        else:
+            f["y"] = f["y_descriptor"]
+    ys = torch.cat([feats[i]["y"].float()[:, feats[i]["body"]] for i in train_ids], 1)
+    mu, sd = ys.mean(1), ys.std(1).clamp_min(1e-3)
+    for f in feats.values():
+        f["ys"] = ((f["y"].float() - mu[:, None, None, None]) / sd[:, None, None, None])
+    train = [{"coarse": feats[i]["coarse"], "y": feats[i]["ys"], "body": feats[i]["body"]} for i in train_ids]
+    dim = ys.shape[0]
+
+    t1 = time.time()
+    ctx_key = f"context-{key}-{args.features}-{args.steps}-{args.block}-{args.window}-{args.lr}-{args.phase_prob}-{args.ratio}{'-h' if args.hetero else ''}.pt"
+    if (cache_dir / ctx_key).exists():
+        from ..models.context import ContextNet
+
+        net = ContextNet(dim, block=args.block, heteroscedastic=args.hetero)
+        net.load_state_dict(torch.load(cache_dir / ctx_key))
+        net.eval()
+    else:
+        net = train_context(train, dim, steps=args.steps, block=args.block, window=args.window, lr=args.lr,
+                            batch=4, seed=0, phase_prob=args.phase_prob, ratio=args.ratio,
+                            heteroscedastic=args.hetero)
+        torch.save(net.state_dict(), cache_dir / ctx_key)
+    t_ctx = time.time() - t1
+    for i, f in feats.items():
+        f["context"] = net.condition_map(f["coarse"][None], window=(args.window,) * 3)[0]
+    # how well the surroundings predict the descriptor (R^2 on body cells, standardised units)
+    val_ids = [c.id for c in cases if c.role == "val"]
+    r2 = {}
+    for group, ids in (("train", train_ids), ("val", val_ids)):
+        e = torch.cat([(feats[i]["context"][:dim] - feats[i]["ys"])[:, feats[i]["body"]] for i in ids], 1)
+        r2[group] = float(1 - e.square().mean())
+    print(f"context trained in {t_ctx:.0f} s; R^2 train {r2['train']:.3f}, val {r2['val']:.3f}", flush=True)
+
+    from ..models.encodings import sincos_condition_map
+
+    def sincos(grid):
+        s = torch.tensor(spacing, dtype=torch.float64) * torch.tensor(STRIDE, dtype=torch.float64)
+        return sincos_condition_map(torch.zeros(3, dtype=torch.float64) + s / 2, s, tuple(grid), 24).float()
+
+    kinds = {c.id: phantom_kind_labels(run_dir, c) for c in cases if c.role in ("val", "test") and c.label is not None}
+    conds = {"none": lambda i: None, "sincos": lambda i: sincos(feats[i]["body"].shape),
+             "context": lambda i: feats[i]["context"]}
+    train_cases = {c.id: c for c in cases if c.role == "train"}
+    methods = [("none", "gaussian"), ("sincos", "gaussian"), ("context", "gaussian")]
+    if args.flows:
+        methods += [("none", "flow"), ("context", "flow")]
+    dkw = dict(steps=args.density_steps, crop=args.density_crop, batch=8, lr=2e-3, noise=args.noise, seed=0)
+    models = {}
+    t2 = time.time()
+    for cond, dens in methods:
+        pairs = [(feats[i]["ys"], conds[cond](i), feats[i]["body"]) for i in train_ids]
+        models[f"{cond}-{dens}"] = (cond, fit_density(dens, pairs, kernel=args.kernel, **dkw))
+        print(f"  {cond}-{dens} fitted ({time.time() - t2:.0f} s)", flush=True)
+    # oracle: the organ map needs phantoms' organs, also for training cases
+    if not args.no_oracle:
+        organ = {}
+        for i in train_ids:
+            if i.startswith("phantom-"):
+                lab = phantom_kind_labels(run_dir, train_cases[i])
+                organ[i] = organ_condition(lab[2])
+        for i, k in kinds.items():
+            if k is not None:
+                organ[i] = organ_condition(k[2])
+        pairs = [(feats[i]["ys"], organ[i], feats[i]["body"]) for i in organ if i in train_ids]
+        models["oracle-gaussian"] = ("oracle", fit_density("gaussian", pairs, kernel=1, **dkw))
+        conds["oracle"] = lambda i: organ.get(i)
+    print(f"densities fitted in {time.time() - t2:.0f} s", flush=True)
+
+    def score_maps(ids):
+        out = {m: {} for m in models}
+        out["context-residual"] = {}
+        for i in ids:
+            c = next(cc for cc in cases if cc.id == i)
+            f = feats[i]
+            for m, (cond, model) in models.items():
+                cc = conds[cond](i)
+                if cond == "oracle" and cc is None:
+                    out.pop(m, None)
+                    continue
+                with torch.no_grad():
+                    s = -model.log_prob(f["ys"][None], None if cc is None else cc[None])[0]
+                s[~f["body"]] = s[f["body"]].min()
+                out[m][i] = upsample_to(s, c.shape)
+            res = (f["ys"] - f["context"][:dim]).square()
+            if args.hetero:
+                res = res * torch.exp(-f["context"][dim:].clamp(-7, 7))
+            res = res.sum(0)
+            out["context-residual"][i] = upsample_to(res, c.shape)
+        return out
+
+    groups = [("validation phantoms", [c for c in cases if c.role == "val" and c.label is not None])]
+    if args.test:
+        groups += [("test phantoms", [c for c in cases if c.role == "test" and c.dataset == "phantoms"]),
+                   ("real lesions", [c for c in cases if c.role == "test" and c.dataset != "phantoms"
+                                     and c.label is not None])]
+    record = {"tag": args.tag, "date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
+              "context_r2": r2, "context_seconds": round(t_ctx, 1), "results": {}}
+    for title, group in groups:
+        maps = score_maps([c.id for c in group])
+        if args.save_maps:
+            np.savez_compressed(Path(args.save_maps) / f"{title.split()[0]}.npz",
+                                **{f"{m}|{i}": v.astype(np.float16) for m, per in maps.items() for i, v in per.items()})
+        table = auroc_table(maps, group, kinds)
+        print_table(f"{title}: pooled voxel AUROC ({len(group)} cases)", table)
+        record["results"][title] = table
+    log = Path(args.log) if args.log else run_dir / "bench_condition.jsonl"
+    with open(log, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    print(f"\n(total {time.time() - t0:.0f} s; logged to {log})")
+
+
+if __name__ == "__main__":
+    main()
