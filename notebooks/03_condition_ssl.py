@@ -52,9 +52,10 @@ condition_model = None  # context | masked_unet (the paper's; profile full)
 mask_ratio = None  # fraction of blocks hidden in a masked view (paper 0.6)
 mask_prob = None  # masked_unet: probability that a view is masked (0.5)
 mask_grid = None  # masked_unet: blocks per axis (4, 4, 4): 24 x 24 x 16 blocks on a 96 x 96 x 64 crop
-context_block = None  # context: hidden block side in grid cells (4 cells = 18 mm)
+context_block = None  # context: hidden block side in grid cells (4 cells: 18 mm)
 context_window = None  # context: training window side in grid cells
 context_phase_prob = None  # context: share of training masks drawn like the inference masks
+context_heteroscedastic = None  # context: also predict the log-variance (Gaussian NLL loss)
 pool_stride = None  # context: the density grid's pooling stride (as in notebook 04)
 descriptor_patch = None  # context: descriptor window (X, Y, Z) for whole-scan grids
 lr = None  # peak learning rate

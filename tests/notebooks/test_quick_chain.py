@@ -55,8 +55,22 @@ def test_encoders_trained_to_the_profile_steps(quick_run):
         log = load_log(quick_run / stage)
         assert int(log.step[-1]) == steps
         assert np.isfinite(log.loss.values).all()
-        assert float(log.feature_rank[-1]) > 1.0  # not collapsed to a single direction
         assert (quick_run / stage / "DONE").exists()
+    assert float(load_log(quick_run / "descriptor").feature_rank[-1]) > 1.0  # not collapsed to one direction
+
+
+def test_context_condition_learns_to_predict_from_the_surroundings(quick_run):
+    """The quick profile's condition is the context condition: on held-out scans its trained
+    prediction explains more of the descriptor than the same network at initialisation."""
+    from screener_nb import config, files
+
+    assert config.resolve("condition", profile="quick").condition_model == "context"
+    assert files.read_json(quick_run / "condition" / "model.json")["kind"] == "context"
+    quality = files.read_json(quick_run / "condition" / "DONE")["quality"]
+    for key, trained in quality.items():
+        if key.startswith("R^2 trained"):
+            random = quality[key.replace("trained", "random init")]
+            assert trained > random
 
 
 def test_density_models_and_anomaly_maps(quick_run):
