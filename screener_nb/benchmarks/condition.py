@@ -100,35 +100,22 @@ def _phantom_kind_labels(run_dir: Path, case) -> tuple[np.ndarray, list[str], np
 def train_context(train: list[dict], dim: int, *, steps: int, block: int, window: int, lr: float,
                   batch: int, seed: int, phase_prob: float, ratio: float, size: str = "tiny",
                   heteroscedastic: bool = False):
-    from ..models.context import ContextNet, training_mask
+    """The context condition trained on cached grids with the stage's own task
+    (:class:`~screener_nb.ssl.context_task.ContextTask`), in a plain warm-up + cosine loop."""
+    from ..models.context import ContextNet
+    from ..ssl.context_task import ContextTask
+    from ..train import default_collate
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = ContextNet(dim, size=size, block=block, heteroscedastic=heteroscedastic)
+    task = ContextTask(train, window, block, ratio=ratio, phase_prob=phase_prob)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-6, eps=1e-3)
-    w = (window,) * 3
     t0 = time.time()
     for step in range(steps):
-        lr_now = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + np.cos(np.pi * step / steps))
         for g in opt.param_groups:
-            g["lr"] = lr_now
-        xs, ms, ys, bs = [], [], [], []
-        for _ in range(batch):
-            c = train[int(rng.integers(len(train)))]
-            grid = c["body"].shape
-            start = [int(rng.integers(0, max(1, n - s + 1))) for n, s in zip(grid, w)]
-            sl = tuple(slice(s, s + k) for s, k in zip(start, w))
-            def crop(t):
-                out = torch.zeros(*t.shape[:-3], *w, dtype=torch.float32)
-                v = t[(...,) + sl].float()
-                out[(...,) + tuple(slice(0, n) for n in v.shape[-3:])] = v
-                return out
-            xs.append(crop(c["coarse"])); ys.append(crop(c["y"])); bs.append(crop(c["body"].float()))
-            ms.append(torch.from_numpy(training_mask(w, block, rng, ratio=ratio, phase_prob=phase_prob)))
-        x, y, b, m = torch.stack(xs), torch.stack(ys), torch.stack(bs)[:, None], torch.stack(ms)[:, None]
-        pred = net(x, m)
-        weight = m * b
-        loss = (net.loss(pred, y) * weight).sum() / weight.sum().clamp_min(1)
+            g["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + np.cos(np.pi * step / steps))
+        loss, _ = task.loss(net, default_collate([task.sample(rng) for _ in range(batch)]))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
