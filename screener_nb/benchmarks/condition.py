@@ -39,19 +39,15 @@ def _descriptor_key(run_dir: Path) -> str:
 
 
 def cache_case(case, descriptor, patch, overlap: float, cache_dir: Path, key: str) -> dict:
-    """Pooled descriptor y (D, x, y, z), coarse image (2, x, y, z), body cells (x, y, z) of a case."""
-    from ..inference import stitch_encoder
-    from ..models.context import coarse_image
-    from ..models.density import pool_features
+    """Pooled descriptor y (D, x, y, z), coarse image (2, x, y, z), body cells (x, y, z) of a case:
+    the stage's own :func:`~screener_nb.ssl.context_task.scan_grids`, cached on disk."""
+    from ..ssl.context_task import scan_grids
 
-    path = cache_dir / f"{case.id}-{key}.pt"
+    path = cache_dir / f"{case.id}-{key}-scan.pt"
     if path.exists():
         return torch.load(path)
-    x = torch.from_numpy(np.asarray(case.image, np.float32).copy())[None, None]
-    y = pool_features(stitch_encoder(descriptor, x, patch, overlap, 2), STRIDE)[0]
-    coarse = coarse_image(x, STRIDE)[0]
-    body = F.avg_pool3d(torch.from_numpy(np.asarray(case.body, np.float32))[None, None], STRIDE, STRIDE)[0, 0] > 0.5
-    out = {"y": y.half(), "coarse": coarse, "body": body}
+    out = scan_grids(case, descriptor, patch, STRIDE, overlap)
+    out["y"] = out["y"].half()
     cache_dir.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
     return out
@@ -168,15 +164,6 @@ def fit_density(kind: str, pairs: list[tuple[torch.Tensor, torch.Tensor | None, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
     return model.eval()
-
-
-def upsample_to(grid_scores: torch.Tensor, shape) -> np.ndarray:
-    """(x, y, z) cell scores -> (X, Y, Z) voxels (trilinear; cells cover floor(X / s) * s voxels)."""
-    g = grid_scores[None, None].float()
-    covered = [n * s for n, s in zip(grid_scores.shape, STRIDE)]
-    up = F.interpolate(g, size=covered, mode="trilinear", align_corners=False)[0, 0]
-    pad = [0, shape[2] - covered[2], 0, shape[1] - covered[1], 0, shape[0] - covered[0]]
-    return F.pad(up[None, None], pad, mode="replicate")[0, 0].numpy()
 
 
 def auroc_table(maps: dict[str, dict[str, np.ndarray]], cases: list, kinds: dict) -> dict:
@@ -352,6 +339,8 @@ def main(argv=None) -> None:
         conds["oracle"] = lambda i: organ.get(i)
     print(f"densities fitted in {time.time() - t2:.0f} s", flush=True)
 
+    from ..models.density import upsample_cells
+
     def score_maps(ids):
         out = {m: {} for m in models}
         out["context-residual"] = {}
@@ -366,12 +355,12 @@ def main(argv=None) -> None:
                 with torch.no_grad():
                     s = -model.log_prob(f["ys"][None], None if cc is None else cc[None])[0]
                 s[~f["body"]] = s[f["body"]].min()
-                out[m][i] = upsample_to(s, c.shape)
+                out[m][i] = upsample_cells(s[None], c.shape, STRIDE)[0].numpy()
             res = (f["ys"] - f["context"][:dim]).square()
             if args.hetero:
                 res = res * torch.exp(-f["context"][dim:].clamp(-7, 7))
             res = res.sum(0)
-            out["context-residual"][i] = upsample_to(res, c.shape)
+            out["context-residual"][i] = upsample_cells(res[None], c.shape, STRIDE)[0].numpy()
         return out
 
     groups = [("validation phantoms", [c for c in cases if c.role == "val" and c.label is not None])]
