@@ -121,6 +121,23 @@ def train_context(train: list[dict], dim: int, *, steps: int, block: int, window
     return net.eval()
 
 
+def _context_for(cache_dir: Path, key: str, args, train: list[dict], dim: int, block: int):
+    """The context condition of one block size, trained once and cached by its settings."""
+    from ..models.context import ContextNet
+
+    path = cache_dir / (f"context-{key}-{args.features}-{args.steps}-{block}-{args.window}-{args.lr}-"
+                        f"{args.phase_prob}-{args.ratio}{'-h' if args.hetero else ''}.pt")
+    if path.exists():
+        net = ContextNet(dim, block=block, heteroscedastic=args.hetero)
+        net.load_state_dict(torch.load(path))
+        return net.eval()
+    net = train_context(train, dim, steps=args.steps, block=block, window=args.window, lr=args.lr,
+                        batch=4, seed=0, phase_prob=args.phase_prob, ratio=args.ratio,
+                        heteroscedastic=args.hetero)
+    torch.save(net.state_dict(), path)
+    return net
+
+
 def fit_density(kind: str, pairs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]], *, steps: int,
                 crop: int, batch: int, lr: float, noise: float, seed: int, kernel: int = 1, depth: int = 4,
                 hidden: int = 128):
@@ -227,7 +244,8 @@ def main(argv=None) -> None:
     ap.add_argument("--run", required=True, help="run directory with finished data + descriptor stages")
     ap.add_argument("--test", action="store_true", help="also report the test phantoms and the real lesions")
     ap.add_argument("--steps", type=int, default=600, help="context training steps")
-    ap.add_argument("--block", type=int, default=4, help="mask block side, cells")
+    ap.add_argument("--block", default="4", help="mask block side, cells; a comma list (4,8) trains one "
+                    "context per size and adds their multi-scale score (the maximum of standardised scores)")
     ap.add_argument("--window", type=int, default=32, help="context window side, cells")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--phase-prob", type=float, default=0.5)
@@ -238,6 +256,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-oracle", action="store_true")
     ap.add_argument("--features", default="descriptor", choices=("descriptor", "intensity", "both"),
                     help="what y is: the descriptor, the cell mean/std of the image, or both")
+    ap.add_argument("--centred", action="store_true", help="read each cell from the pass that centres it in "
+                    "its hidden block (64 passes)")
     ap.add_argument("--hetero", action="store_true", help="the context also predicts its log-variance")
     ap.add_argument("--flows", action="store_true", help="also fit the flows (minutes each)")
     ap.add_argument("--density-crop", type=int, default=16, help="density training crop side, cells")
@@ -280,29 +300,22 @@ def main(argv=None) -> None:
     train = [{"coarse": feats[i]["coarse"], "y": feats[i]["ys"], "body": feats[i]["body"]} for i in train_ids]
     dim = ys.shape[0]
 
-    t1 = time.time()
-    ctx_key = f"context-{key}-{args.features}-{args.steps}-{args.block}-{args.window}-{args.lr}-{args.phase_prob}-{args.ratio}{'-h' if args.hetero else ''}.pt"
-    if (cache_dir / ctx_key).exists():
-        from ..models.context import ContextNet
-
-        net = ContextNet(dim, block=args.block, heteroscedastic=args.hetero)
-        net.load_state_dict(torch.load(cache_dir / ctx_key))
-        net.eval()
-    else:
-        net = train_context(train, dim, steps=args.steps, block=args.block, window=args.window, lr=args.lr,
-                            batch=4, seed=0, phase_prob=args.phase_prob, ratio=args.ratio,
-                            heteroscedastic=args.hetero)
-        torch.save(net.state_dict(), cache_dir / ctx_key)
-    t_ctx = time.time() - t1
-    for i, f in feats.items():
-        f["context"] = net.condition_map(f["coarse"][None], window=(args.window,) * 3)[0]
-    # how well the surroundings predict the descriptor (R^2 on body cells, standardised units)
+    blocks = [int(b) for b in str(args.block).split(",")]
     val_ids = [c.id for c in cases if c.role == "val"]
-    r2 = {}
-    for group, ids in (("train", train_ids), ("val", val_ids)):
-        e = torch.cat([(feats[i]["context"][:dim] - feats[i]["ys"])[:, feats[i]["body"]] for i in ids], 1)
-        r2[group] = float(1 - e.square().mean())
-    print(f"context trained in {t_ctx:.0f} s; R^2 train {r2['train']:.3f}, val {r2['val']:.3f}", flush=True)
+    r2, t_ctx = {}, 0.0
+    for block in blocks:
+        t1 = time.time()
+        net = _context_for(cache_dir, key, args, train, dim, block)
+        t_ctx += time.time() - t1
+        for f in feats.values():
+            f[f"context{block}"] = net.condition_map(f["coarse"][None], window=(args.window,) * 3,
+                                                     centred=args.centred)[0]
+        # how well the surroundings predict the descriptor (R^2 on body cells, standardised units)
+        for group, ids in (("train", train_ids), ("val", val_ids)):
+            e = torch.cat([(feats[i][f"context{block}"][:dim] - feats[i]["ys"])[:, feats[i]["body"]] for i in ids], 1)
+            r2[f"{group}{block}"] = float(1 - e.square().mean())
+        print(f"context (block {block}) ready after {t_ctx:.0f} s; R^2 train {r2[f'train{block}']:.3f}, "
+              f"val {r2[f'val{block}']:.3f}", flush=True)
 
     from ..models.encodings import sincos_condition_map
 
@@ -311,12 +324,16 @@ def main(argv=None) -> None:
         return sincos_condition_map(torch.zeros(3, dtype=torch.float64) + s / 2, s, tuple(grid), 24).float()
 
     kinds = {c.id: phantom_kind_labels(run_dir, c) for c in cases if c.role in ("val", "test") and c.label is not None}
-    conds = {"none": lambda i: None, "sincos": lambda i: sincos(feats[i]["body"].shape),
-             "context": lambda i: feats[i]["context"]}
+    conds = {"none": lambda i: None, "sincos": lambda i: sincos(feats[i]["body"].shape)}
+    for block in blocks:
+        conds[f"context{block}"] = lambda i, b=block: feats[i][f"context{b}"]
+        conds[f"sincos+context{block}"] = lambda i, b=block: torch.cat([sincos(feats[i]["body"].shape),
+                                                                          feats[i][f"context{b}"]])
     train_cases = {c.id: c for c in cases if c.role == "train"}
-    methods = [("none", "gaussian"), ("sincos", "gaussian"), ("context", "gaussian")]
+    methods = [("none", "gaussian"), ("sincos", "gaussian")] + [(f"context{b}", "gaussian") for b in blocks]
+    methods += [(f"sincos+context{b}", "gaussian") for b in blocks]
     if args.flows:
-        methods += [("none", "flow"), ("context", "flow")]
+        methods += [("none", "flow")] + [(f"context{b}", "flow") for b in blocks]
     dkw = dict(steps=args.density_steps, crop=args.density_crop, batch=8, lr=2e-3, noise=args.noise, seed=0)
     models = {}
     t2 = time.time()
@@ -341,26 +358,53 @@ def main(argv=None) -> None:
 
     from ..models.density import upsample_cells
 
+    def cell_scores(i, cond, model) -> dict[str, torch.Tensor]:
+        """{"": -log q(y | c), "-maha": 0.5 |z|^2 (Gaussians)} on the cell grid of case i."""
+        f, cc = feats[i], conds[cond](i)
+        cc = None if cc is None else cc[None]
+        with torch.no_grad():
+            out = {"": -model.log_prob(f["ys"][None], cc)[0]}
+            if dens_kind[cond, model] == "gaussian":
+                out["-maha"] = 0.5 * model(f["ys"][None], cc)[0][0].square().sum(0)
+        return out
+
+    # per-method score statistics on the training cases' body cells: the multi-scale score
+    # compares standardised scores of models whose NLLs live on different scales
+    dens_kind = {(cond, model): name.split("-")[-1] for name, (cond, model) in models.items()}
+    stats = {}
+    for m, (cond, model) in models.items():
+        if "context" not in cond:
+            continue
+        for suffix in ("", "-maha"):
+            v = torch.cat([cell_scores(i, cond, model)[suffix][feats[i]["body"]] for i in train_ids])
+            stats[m + suffix] = (float(v.mean()), float(v.std()))
+
     def score_maps(ids):
-        out = {m: {} for m in models}
-        out["context-residual"] = {}
+        out = {}
         for i in ids:
             c = next(cc for cc in cases if cc.id == i)
-            f = feats[i]
+            body = feats[i]["body"]
+            cells = {}
             for m, (cond, model) in models.items():
-                cc = conds[cond](i)
-                if cond == "oracle" and cc is None:
-                    out.pop(m, None)
+                if conds[cond](i) is None and cond != "none":
                     continue
-                with torch.no_grad():
-                    s = -model.log_prob(f["ys"][None], None if cc is None else cc[None])[0]
-                s[~f["body"]] = s[f["body"]].min()
-                out[m][i] = upsample_cells(s[None], c.shape, STRIDE)[0].numpy()
-            res = (f["ys"] - f["context"][:dim]).square()
-            if args.hetero:
-                res = res * torch.exp(-f["context"][dim:].clamp(-7, 7))
-            res = res.sum(0)
-            out["context-residual"][i] = upsample_cells(res[None], c.shape, STRIDE)[0].numpy()
+                for suffix, s in cell_scores(i, cond, model).items():
+                    cells[m + suffix] = s
+            for b in blocks:  # the context's own residual (standardised by its variance if it predicts one)
+                pred = feats[i][f"context{b}"]
+                res = (feats[i]["ys"] - pred[:dim]).square()
+                if args.hetero:
+                    res = res * torch.exp(-pred[dim:].clamp(-7, 7))
+                cells[f"context{b}-residual"] = 0.5 * res.sum(0)
+            if len(blocks) > 1:
+                for suffix in ("", "-maha"):
+                    names = [f"context{b}-gaussian{suffix}" for b in blocks]
+                    cells["context-ms-gaussian" + suffix] = torch.stack(
+                        [(cells[n] - stats[n][0]) / stats[n][1] for n in names]).amax(0)
+            for m, s in cells.items():
+                s = s.clone()
+                s[~body] = s[body].min()
+                out.setdefault(m, {})[i] = upsample_cells(s[None], c.shape, STRIDE)[0].numpy()
         return out
 
     groups = [("validation phantoms", [c for c in cases if c.role == "val" and c.label is not None])]

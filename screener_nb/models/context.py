@@ -140,9 +140,14 @@ class ContextNet(nn.Module):
 
     @torch.no_grad()
     def condition_map(self, coarse: torch.Tensor, window=(32, 32, 32), overlap: float = 0.25,
-                      sw_batch: int = 4) -> torch.Tensor:
+                      sw_batch: int = 4, centred: bool = False) -> torch.Tensor:
         """c (1, D, x, y, z) of a whole scan's coarse grid (1, 2, x, y, z) by masked inference:
         8 passes, each cell's value taken from the pass that hid its block (module docstring).
+        ``centred``: the 8 passes are repeated with the block grid shifted by half a block on
+        each axis (64 passes), and each cell is read from the shift that puts it in the middle
+        half of its hidden block on every axis, so at least ``block // 4`` hidden cells separate
+        it from anything the network sees (without: a cell at its block's edge has visible
+        neighbours, and a finding larger than one cell reaches its own condition).
         Windows (MONAI sliding window) keep the network's input the size it was trained on."""
         from monai.inferers import sliding_window_inference
 
@@ -151,14 +156,29 @@ class ContextNet(nn.Module):
                              f"shape {tuple(coarse.shape)}")
         window = tuple(int(w) for w in window)
         padded, grid = self._padded(coarse, window)
-        masks = phase_masks(padded.shape[2:], self.block).to(coarse)
-        out = torch.zeros(1, self.out_channels, *padded.shape[2:], dtype=coarse.dtype, device=coarse.device)
+        shape = padded.shape[2:]
+        out = torch.zeros(1, self.out_channels, *shape, dtype=coarse.dtype, device=coarse.device)
+
         def predict(w):
             return self(w[:, :IMAGE_CHANNELS], w[:, -1:])
 
-        for k in range(N_PHASES):
-            m = masks[k][None, None]
-            x = torch.cat([padded, m], 1)
-            pred = sliding_window_inference(x, window, sw_batch, predict, overlap=overlap, mode="gaussian")
-            out += pred * m
+        half = self.block // 2
+        shifts = [0, half] if centred and half > 0 else [0]
+        # per axis and shift: is the cell in the middle half of its block under that shift?
+        centre = (self.block - 1) / 2
+        middle = {0: [((torch.arange(n) % self.block) - centre).abs() <= self.block / 4 for n in shape]}
+        middle[half] = [~m for m in middle[0]]  # the rest: central under the half-block shift
+        for offset in np.ndindex(*(len(shifts),) * 3):
+            off = [shifts[o] for o in offset]
+            if len(shifts) > 1:
+                mx, my, mz = (middle[s][a] for a, s in enumerate(off))
+                take = (mx[:, None, None] & my[None, :, None] & mz[None, None, :]).to(coarse)
+            else:
+                take = torch.ones(shape, dtype=coarse.dtype)
+            masks = phase_masks(shape, self.block, off).to(coarse)
+            for k in range(N_PHASES):
+                m = masks[k][None, None]
+                x = torch.cat([padded, m], 1)
+                pred = sliding_window_inference(x, window, sw_batch, predict, overlap=overlap, mode="gaussian")
+                out += pred * (m * take.to(m))
         return out[..., :grid[0], :grid[1], :grid[2]]

@@ -110,3 +110,24 @@ def test_heteroscedastic_loss_is_the_gaussian_nll():
     normal = torch.distributions.Normal(pred[:, :2], torch.exp(0.5 * pred[:, 2:]))
     want = (-normal.log_prob(target) - 0.5 * np.log(2 * np.pi)).mean(1, keepdim=True)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("block", [4, 8])
+def test_centred_inference_hides_a_margin_around_every_cell(block):
+    """Centred: no cell within block // 4 cells (any axis) of a changed cell sees the change;
+    the plain 8-pass inference lets a cell at its block's edge see its neighbour."""
+    torch.manual_seed(0)
+    net = ContextNet(dim=2, size="tiny", block=block).eval()
+    coarse = torch.rand(1, 2, 32, 32, 32)
+    changed = coarse.clone()
+    q = (16, 16, 8)  # at a block corner: its neighbours lie in other blocks
+    changed[(..., *q)] = 5.0
+    margin = block // 4
+    near = (slice(None), slice(None)) + tuple(slice(c - margin, c + margin + 1) for c in q)
+    base = net.condition_map(coarse, window=(32, 32, 32), centred=True)
+    other = net.condition_map(changed, window=(32, 32, 32), centred=True)
+    torch.testing.assert_close(other[near], base[near], rtol=0, atol=1e-5)
+    assert (other - base).abs().max() > 1e-3  # farther cells do see it
+    plain = net.condition_map(coarse, window=(32, 32, 32))
+    plain_changed = net.condition_map(changed, window=(32, 32, 32))
+    assert (plain_changed[near] - plain[near]).abs().max() > 1e-3
