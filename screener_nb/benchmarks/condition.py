@@ -125,7 +125,8 @@ def _context_for(cache_dir: Path, key: str, args, train: list[dict], dim: int, b
     """The context condition of one block size, trained once and cached by its settings."""
     from ..models.context import ContextNet
 
-    path = cache_dir / (f"context-{key}-{args.features}-{args.steps}-{block}-{args.window}-{args.lr}-"
+    target = "" if args.context_target == "y" else f"-{args.context_target}"
+    path = cache_dir / (f"context-{key}-{args.features}{target}-{args.steps}-{block}-{args.window}-{args.lr}-"
                         f"{args.phase_prob}-{args.ratio}{'-h' if args.hetero else ''}.pt")
     if path.exists():
         net = ContextNet(dim, block=block, heteroscedastic=args.hetero)
@@ -258,6 +259,8 @@ def main(argv=None) -> None:
                     help="what y is: the descriptor, the cell mean/std of the image, or both")
     ap.add_argument("--centred", action="store_true", help="read each cell from the pass that centres it in "
                     "its hidden block (64 passes)")
+    ap.add_argument("--context-target", default="y", choices=("y", "intensity"),
+                    help="what the context regresses: y, or the cell intensities (mean, std)")
     ap.add_argument("--hetero", action="store_true", help="the context also predicts its log-variance")
     ap.add_argument("--flows", action="store_true", help="also fit the flows (minutes each)")
     ap.add_argument("--density-crop", type=int, default=16, help="density training crop side, cells")
@@ -297,22 +300,33 @@ def main(argv=None) -> None:
     mu, sd = ys.mean(1), ys.std(1).clamp_min(1e-3)
     for f in feats.values():
         f["ys"] = ((f["y"].float() - mu[:, None, None, None]) / sd[:, None, None, None])
-    train = [{"coarse": feats[i]["coarse"], "y": feats[i]["ys"], "body": feats[i]["body"]} for i in train_ids]
     dim = ys.shape[0]
+    # what the context regresses: y itself, or the standardised cell intensities (then c says what
+    # tissue the surroundings expect, and q(y | c) learns y's distribution in that tissue)
+    if args.context_target == "intensity":
+        cs = torch.cat([feats[i]["coarse"][:, feats[i]["body"]] for i in train_ids], 1)
+        cmu, csd = cs.mean(1), cs.std(1).clamp_min(1e-3)
+        for f in feats.values():
+            f["target"] = (f["coarse"] - cmu[:, None, None, None]) / csd[:, None, None, None]
+    else:
+        for f in feats.values():
+            f["target"] = f["ys"]
+    tdim = feats[train_ids[0]]["target"].shape[0]
+    train = [{"coarse": feats[i]["coarse"], "y": feats[i]["target"], "body": feats[i]["body"]} for i in train_ids]
 
     blocks = [int(b) for b in str(args.block).split(",")]
     val_ids = [c.id for c in cases if c.role == "val"]
     r2, t_ctx = {}, 0.0
     for block in blocks:
         t1 = time.time()
-        net = _context_for(cache_dir, key, args, train, dim, block)
+        net = _context_for(cache_dir, key, args, train, tdim, block)
         t_ctx += time.time() - t1
         for f in feats.values():
             f[f"context{block}"] = net.condition_map(f["coarse"][None], window=(args.window,) * 3,
                                                      centred=args.centred)[0]
         # how well the surroundings predict the descriptor (R^2 on body cells, standardised units)
         for group, ids in (("train", train_ids), ("val", val_ids)):
-            e = torch.cat([(feats[i][f"context{block}"][:dim] - feats[i]["ys"])[:, feats[i]["body"]] for i in ids], 1)
+            e = torch.cat([(feats[i][f"context{block}"][:tdim] - feats[i]["target"])[:, feats[i]["body"]] for i in ids], 1)
             r2[f"{group}{block}"] = float(1 - e.square().mean())
         print(f"context (block {block}) ready after {t_ctx:.0f} s; R^2 train {r2[f'train{block}']:.3f}, "
               f"val {r2[f'val{block}']:.3f}", flush=True)
@@ -392,9 +406,9 @@ def main(argv=None) -> None:
                     cells[m + suffix] = s
             for b in blocks:  # the context's own residual (standardised by its variance if it predicts one)
                 pred = feats[i][f"context{b}"]
-                res = (feats[i]["ys"] - pred[:dim]).square()
+                res = (feats[i]["target"] - pred[:tdim]).square()
                 if args.hetero:
-                    res = res * torch.exp(-pred[dim:].clamp(-7, 7))
+                    res = res * torch.exp(-pred[tdim:].clamp(-7, 7))
                 cells[f"context{b}-residual"] = 0.5 * res.sum(0)
             if len(blocks) > 1:
                 for suffix in ("", "-maha"):
