@@ -40,9 +40,9 @@ student_size = None  # student UNet size: tiny | small | paper
 steps = None  # distillation steps (None: profile default)
 batch = None  # crops per step
 patch = None  # crop size (X, Y, Z) voxels (paper 96, 96, 64)
-teacher_cases = None  # training cases distilled on (0 = all; demo: 8, balanced over datasets)
+teacher_cases = None  # training cases distilled on (0: all; demo: 8, balanced over datasets)
 finetune_k = None  # labelled training cases per fine-tuning fold (paper 25)
-finetune_dataset = None  # dataset whose labelled cases are fine-tuned on ('' = all; CPU profiles: phantoms)
+finetune_dataset = None  # dataset whose labelled cases are fine-tuned on (empty: all; CPU profiles: phantoms)
 finetune_steps = None  # fine-tuning steps per fold and initialisation
 folds = None  # cross-validation folds (paper 3)
 overlap = None  # sliding-window overlap of whole-volume maps (paper 0.5)

@@ -103,6 +103,32 @@ def _retire(run_dir: Path, stage: str) -> None:
         print(f"[run] --force {stage}: previous outputs moved to {dest}", flush=True)
 
 
+def ipc_kernel_manager_class():
+    """A jupyter_client kernel manager whose kernel talks over local IPC sockets instead of TCP.
+
+    The sockets are files in a private temporary folder (mode 0700), so no port is open and
+    the kernel has no reason to warn that it is "running over TCP without encryption".
+    """
+    import tempfile
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+            self.ip = str(Path(tempfile.mkdtemp(prefix="screener-kernel-")) / "kernel")
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)  # removes the socket files
+            if not restart:
+                shutil.rmtree(Path(self.ip).parent, ignore_errors=True)
+
+        cleanup_resources = _async_cleanup_resources
+
+    return IPCKernelManager
+
+
 def execute_stage(stage: str, run_dir: Path, params: dict[str, Any], *, timeout: int | None = None) -> Path:
     """Execute one notebook with papermill; return the executed notebook's path."""
     import jupytext
@@ -120,6 +146,7 @@ def execute_stage(stage: str, run_dir: Path, params: dict[str, Any], *, timeout:
         pm.execute_notebook(
             nb, str(out), parameters=params, kernel_name="python3", cwd=str(src.parent),
             progress_bar=False, log_output=False, execution_timeout=timeout,
+            kernel_manager_class=ipc_kernel_manager_class(),
         )
     except pm.PapermillExecutionError as e:
         raise StageFailed(

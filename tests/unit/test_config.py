@@ -70,3 +70,27 @@ def test_each_notebooks_parameters_cell_declares_exactly_its_stage_parameters(st
     expected = set(config.STAGES[stage]["params"]) | set(config.COMMON)
     assert declared == expected, (f"{path.name}: missing {sorted(expected - declared)}, "
                                   f"unknown {sorted(declared - expected)}")
+
+
+@pytest.mark.parametrize("stage", config.STAGE_ORDER)
+def test_papermill_reads_every_parameter_and_its_comment(stage, tmp_path, caplog):
+    """papermill's own parser (``--help-notebook``) finds every parameter of the cell with its
+    comment as help; a line it cannot parse loses its documentation and logs a warning."""
+    import logging
+    from pathlib import Path
+
+    import jupytext
+    import nbformat
+    import papermill as pm
+
+    path = Path(__file__).parents[2] / "notebooks" / f"{config.NOTEBOOKS[stage]}.py"
+    nb = jupytext.read(path)
+    nb.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
+    ipynb = tmp_path / f"{path.stem}.ipynb"
+    nbformat.write(nb, str(ipynb))
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        found = pm.inspect_notebook(str(ipynb))
+    assert not [r.getMessage() for r in caplog.records if "Unable to parse" in r.getMessage()]
+    expected = set(config.STAGES[stage]["params"]) | set(config.COMMON)
+    assert set(found) == expected
+    assert all(p["help"] for p in found.values()), [n for n, p in found.items() if not p["help"]]

@@ -133,3 +133,17 @@ def test_cli_reports_bad_input_without_traceback(nbdir, tmp_path, capsys):
 
     assert main(["run", "--out", str(tmp_path / "r"), "-p", "steps=lots", "--stages", "02"]) == 2
     assert "error: parameter 'steps': expected an integer, found 'lots'" in capsys.readouterr().err
+
+
+def test_stage_kernels_use_ipc_sockets_and_leave_nothing_behind(nbdir, tmp_path, capfd, monkeypatch):
+    """The kernel of a stage talks over IPC socket files, so it prints no TCP-encryption warning,
+    and its private socket folder is gone once the stage is done."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    run(tmp_path / "run", "quick", stages="00")
+    err = capfd.readouterr().err
+    assert "without encryption" not in err
+    assert "Kernel is running over TCP" not in err
+    assert list((tmp_path / "tmp").glob("screener-kernel-*")) == []
