@@ -120,6 +120,38 @@ def load_results(run_dir: str | Path):
     return ds
 
 
+def run_summary(ds, main: str = "learned-flow") -> pd.DataFrame:
+    """The end-of-run table: per dataset, the ``main`` method's pooled AUROC, AUROC@fpr,
+    AUPRO@fpr and Dice, and the other method with the highest pooled AUROC beside it.
+
+    Rows: datasets; columns: ``(metric label, main)`` then ``"best other"`` (its name) and
+    ``(metric label, "best other")``. A ``main`` the run did not evaluate is a ConfigError.
+    """
+    from .evaluate import METRICS, metric_labels
+
+    methods = [str(m) for m in ds.method.values]
+    if main not in methods:
+        raise ConfigError(f"run summary: method {main!r} is not in these results (found {', '.join(methods)})")
+    shown = METRICS[:4]
+    labels = dict(zip(METRICS, metric_labels(float(ds.attrs.get("max_fpr", 0.3)))))
+
+    def value(d, m, k):
+        return float(ds.pooled.loc[{"dataset": d, "method": m, "metric": k}])
+
+    rows = {}
+    for d in (str(v) for v in ds.dataset.values):
+        others = [m for m in methods if m != main and not math.isnan(value(d, m, "auroc"))]
+        best = max(others, key=lambda m: value(d, m, "auroc")) if others else None
+        row = {(labels[k], main): value(d, main, k) for k in shown}
+        row[("best other", "")] = best or ""
+        row.update({(labels[k], "best other"): value(d, best, k) if best else math.nan for k in shown})
+        rows[d] = row
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.columns = pd.MultiIndex.from_tuples(df.columns)
+    df.index.name = "dataset"
+    return df
+
+
 # --------------------------------------------------------------------------- the paper-style table
 def paper_table(ds, *, include_paper: bool = True) -> pd.DataFrame:
     """Pooled metrics in the layout of the paper's Tables 2-3, the paper's numbers alongside.

@@ -170,6 +170,7 @@ def run(
     param_file: str | Path | None = None,
 ) -> Path:
     """Run the pipeline's notebooks into run directory ``out``; see module docstring."""
+    t_run = time.perf_counter()
     import yaml
 
     run_dir = Path(out).resolve()
@@ -226,7 +227,24 @@ def run(
         record["stages"][stage] = {"status": "done", "seconds": round(seconds, 1), "notebook": str(nb_out)}
         files.write_json(run_dir / "run.json", record)
         print(f"[run] {stage}: done in {seconds:.0f} s", flush=True)
+    print_summary(run_dir, time.perf_counter() - t_run)
+    return run_dir
+
+
+def print_summary(run_dir: Path, seconds: float) -> None:
+    """The run's closing lines: the main method's pooled metrics per dataset beside the best
+    other method (:func:`~screener_nb.results.run_summary`), the run time and the report."""
+    from .results import load_results, run_summary
+
+    if (run_dir / "eval" / "metrics.nc").exists():
+        import pandas as pd
+
+        ds = load_results(run_dir)
+        if "learned-flow" in [str(m) for m in ds.method.values]:
+            table = run_summary(ds, main="learned-flow")
+            with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
+                print(f"[run] pooled results (main method learned-flow):\n{table}", flush=True)
+    print(f"[run] finished in {seconds / 60:.1f} min", flush=True)
     report = run_dir / "eval" / "report.html"
     if report.exists():
         print(f"[run] report: {report}", flush=True)
-    return run_dir

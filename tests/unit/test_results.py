@@ -103,6 +103,37 @@ def test_paper_table_layout_holds_our_values_and_the_papers():
 
 
 # ----------------------------------------------------------------------------- loading
+def test_run_summary_puts_the_best_other_method_beside_the_main_one():
+    ds = fake_results({("phantoms", "learned-flow"): [0.9, 0.7, 0.6, 0.3, 0.5],
+                       ("phantoms", "zscore"): [0.6, 0.2, 0.1, 0.05, 0.1],
+                       ("phantoms", "none-flow"): [0.8, 0.5, 0.4, 0.2, 0.3],
+                       ("samples", "learned-flow"): [0.7, 0.5, 0.4, math.nan, 0.2],
+                       ("samples", "zscore"): [0.75, 0.4, 0.3, math.nan, 0.1]})
+    t = R.run_summary(ds, main="learned-flow")
+    assert list(t.index) == ["phantoms", "samples"]
+    assert t.loc["phantoms", ("AUROC", "learned-flow")] == 0.9
+    assert t.loc["phantoms", ("AUPRO@0.3", "learned-flow")] == 0.6
+    # the best other by pooled AUROC: none-flow on phantoms (0.8 > 0.6), zscore on samples
+    assert t.loc["phantoms", ("best other", "")] == "none-flow"
+    assert t.loc["phantoms", ("Dice", "best other")] == 0.2
+    assert t.loc["samples", ("best other", "")] == "zscore"
+    assert t.loc["samples", ("AUROC", "best other")] == 0.75
+    with pytest.raises(ConfigError, match="'sincos-flow' is not in these results"):
+        R.run_summary(ds, main="sincos-flow")
+
+
+def test_the_run_ends_with_the_summary_table(tmp_path, capsys):
+    from screener_nb.runner import print_summary
+
+    ds = fake_results({("phantoms", "learned-flow"): [0.91, 0.7, 0.6, 0.3, 0.5],
+                       ("phantoms", "zscore"): [0.62, 0.2, 0.1, 0.05, 0.1]})
+    run = write_run(tmp_path, "r", ds)
+    print_summary(run, 125.0)
+    out = capsys.readouterr().out
+    assert "main method learned-flow" in out and "0.91" in out and "zscore" in out and "0.62" in out
+    assert "finished in 2.1 min" in out
+
+
 def test_load_results_errors_name_the_run_and_the_file(tmp_path):
     with pytest.raises(InputError, match=r"nowhere.*no such"):
         R.load_results(tmp_path / "nowhere")
