@@ -128,6 +128,10 @@ STAGES: dict[str, dict] = {
             "context_window": _p(int, 32, "context: training window side, in grid cells"),
             "context_phase_prob": _p(float, 0.5, "context: share of training masks drawn like the inference masks"),
             "context_heteroscedastic": _p(bool, False, "context: also predict the log-variance (Gaussian NLL loss)"),
+            "context_target": _p(str, "descriptor", "context: what hidden cells regress: descriptor (pooled) | "
+                                 "intensity (cell mean and std); both standardised", ("descriptor", "intensity")),
+            "context_centred": _p(bool, False, "context: read each cell from the pass that centres it in its "
+                                  "hidden block (8x the inference passes)"),
             "pool_stride": _p(tuple, (3, 3, 2), "context: the density grid's pooling stride (as in stage 04)"),
             "descriptor_patch": _p(tuple, _prof((48, 48, 32), (48, 48, 32), (96, 96, 64)),
                                    "context: descriptor window (X, Y, Z) voxels for the scans' grids"),

@@ -100,7 +100,8 @@ class FeatureExtractor(nn.Module):
         from .models.context import coarse_image
 
         net = self.condition_encoder
-        return net.condition_map(coarse_image(x.float(), self.pool_stride), window=net.window).to(x.device)
+        return net.condition_map(coarse_image(x.float(), self.pool_stride), window=net.window,
+                                 centred=getattr(net, "centred", False)).to(x.device)
 
     def scan_features(self, x: torch.Tensor, patch, overlap: float = 0.25, sw_batch: int = 2,
                       y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

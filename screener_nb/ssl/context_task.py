@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import files
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..train import TrainResult, TrainSettings, fit, load_checkpoint
 
 
@@ -75,9 +75,22 @@ class ContextTask:
         return loss, {"hidden_cells": float(weight.sum())}
 
 
+def context_target(grids: dict, target: str) -> torch.Tensor:
+    """What the context regresses, from :func:`scan_grids`' output: ``"descriptor"`` -> ``y``
+    (D, x, y, z); ``"intensity"`` -> ``coarse`` (2, x, y, z), the cell mean and std: then the
+    condition says what tissue the surroundings expect, and q(y | c) learns the descriptor's
+    distribution in that tissue."""
+    if target == "descriptor":
+        return grids["y"]
+    if target == "intensity":
+        return grids["coarse"]
+    raise ConfigError(f"context_target: expected 'descriptor' or 'intensity', found {target!r}")
+
+
 def context_spec(cfg: Any, dim: int, mean: torch.Tensor, std: torch.Tensor) -> dict:
     return {"kind": "context", "size": cfg.model_size, "dim": int(dim), "block": int(cfg.context_block),
             "heteroscedastic": bool(cfg.context_heteroscedastic),
+            "target": str(cfg.context_target), "centred": bool(cfg.context_centred),
             "window": int(cfg.context_window), "pool_stride": list(cfg.pool_stride),
             "descriptor_patch": list(cfg.descriptor_patch), "y_mean": mean.tolist(), "y_std": std.tolist()}
 
@@ -96,9 +109,11 @@ def train_context(cfg: Any, *, callback: Callable[[dict], None] | None = None,
     descriptor = load_encoder(cfg.run_dir, "descriptor")
     stride = tuple(cfg.pool_stride)
     grids = [scan_grids(c, descriptor, tuple(cfg.descriptor_patch), stride) for c in cases]
+    for g in grids:  # the target: the descriptor, or the cell intensities the network also sees
+        g["y"] = context_target(g, cfg.context_target)
     ys = torch.cat([g["y"][:, g["body"]] for g in grids], 1)
     mean, std = ys.mean(1), ys.std(1).clamp_min(1e-4)
-    for g in grids:  # the target: standardised descriptor features
+    for g in grids:  # standardised on the training cases' body cells
         g["y"] = (g["y"] - mean[:, None, None, None]) / std[:, None, None, None]
     out = files.stage_dir(cfg.run_dir, "condition")
     spec = context_spec(cfg, ys.shape[0], mean, std)
@@ -122,6 +137,7 @@ def load_context(run_dir: str | Path, *, trained: bool = True, device: str | tor
         load_checkpoint(folder, model)
     model.spec = {**spec, "out_channels": model.out_channels}
     model.window = (int(spec["window"]),) * 3
+    model.centred = bool(spec.get("centred", False))
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -132,8 +148,9 @@ def is_context(run_dir: str | Path) -> bool:
 
 
 def context_maps(run_dir: str | Path, case: Any, *, trained: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(standardised pooled descriptor y, context condition c), each (D, x, y, z) float32,
-    of one preprocessed case: what the condition predicts next to what is there."""
+    """(standardised target y, context condition c), each (D, x, y, z) float32, of one
+    preprocessed case: what the condition predicts next to what is there (the target is the
+    pooled descriptor, or with ``context_target="intensity"`` the cell mean and std, D = 2)."""
     from .task import load_encoder
 
     net = load_context(run_dir, trained=trained)
@@ -141,8 +158,8 @@ def context_maps(run_dir: str | Path, case: Any, *, trained: bool = True) -> tup
     descriptor = load_encoder(run_dir, "descriptor")
     mean, std = torch.tensor(spec["y_mean"]), torch.tensor(spec["y_std"])
     g = scan_grids(case, descriptor, tuple(spec["descriptor_patch"]), tuple(spec["pool_stride"]))
-    y = (g["y"] - mean[:, None, None, None]) / std[:, None, None, None]
-    c = net.condition_map(g["coarse"][None], window=net.window)[0, :net.dim]  # the prediction (not its variance)
+    y = (context_target(g, spec.get("target", "descriptor")) - mean[:, None, None, None]) / std[:, None, None, None]
+    c = net.condition_map(g["coarse"][None], window=net.window, centred=net.centred)[0, :net.dim]  # not its variance
     return y.numpy(), c.numpy()
 
 

@@ -73,6 +73,51 @@ def test_context_condition_learns_to_predict_from_the_surroundings(quick_run):
             assert trained > random
 
 
+def test_context_regressing_intensities_with_centred_maps(quick_run, tmp_path):
+    """``context_target="intensity"``: the context regresses the standardised cell mean and std
+    (statistics checked against a numpy reshape of the training images), stores the centred
+    inference in its spec, and its condition maps are the centred ones."""
+    import shutil
+
+    from screener_nb import config, files
+    from screener_nb.data.cohort import load_cohort
+    from screener_nb.ssl.context_task import context_maps, load_context, train_context
+
+    run = tmp_path / "run"
+    shutil.copytree(quick_run, run, ignore=shutil.ignore_patterns("condition", "density", "distill", "eval"))
+    cfg = config.resolve("condition", profile="quick", run_dir=str(run), context_target="intensity",
+                         context_centred=True)
+    train_context(cfg)
+    spec = files.read_json(run / "condition" / "model.json")
+    assert (spec["target"], spec["centred"], spec["dim"]) == ("intensity", True, 2)
+    sx, sy, sz = cfg.pool_stride
+    means, stds = [], []
+    for case in load_cohort(run, role="train"):
+        img, body = np.asarray(case.image, np.float64), np.asarray(case.body, np.float64)
+        nx, ny, nz = (n // s for n, s in zip(img.shape, cfg.pool_stride))
+        def cells(a):
+            a = a[:nx * sx, :ny * sy, :nz * sz].reshape(nx, sx, ny, sy, nz, sz)
+            return a.transpose(0, 2, 4, 1, 3, 5).reshape(nx, ny, nz, -1)
+        inside = cells(body).mean(-1) > 0.5
+        means.append(cells(img).mean(-1)[inside])
+        stds.append(cells(img).std(-1)[inside])
+    np.testing.assert_allclose(spec["y_mean"], [np.concatenate(means).mean(), np.concatenate(stds).mean()],
+                               rtol=1e-4, atol=1e-6)
+    net = load_context(run)
+    assert net.centred
+    case = load_cohort(run, role="val")[0]
+    y, c = context_maps(run, case)
+    assert y.shape[0] == c.shape[0] == 2
+    from screener_nb.ssl.context_task import scan_grids
+    from screener_nb.ssl.task import load_encoder
+
+    g = scan_grids(case, load_encoder(run, "descriptor"), tuple(spec["descriptor_patch"]), tuple(spec["pool_stride"]))
+    plain = net.condition_map(g["coarse"][None], window=net.window)[0].numpy()
+    centred = net.condition_map(g["coarse"][None], window=net.window, centred=True)[0].numpy()
+    np.testing.assert_allclose(c, centred, atol=1e-5)
+    assert np.abs(c - plain).max() > 1e-4
+
+
 def test_density_models_and_anomaly_maps(quick_run):
     from screener_nb.density_fit import JOINT_DIR
 
