@@ -164,21 +164,22 @@ class ContextNet(nn.Module):
 
         half = self.block // 2
         shifts = [0, half] if centred and half > 0 else [0]
-        # per axis and shift: is the cell in the middle half of its block under that shift?
-        centre = (self.block - 1) / 2
-        middle = {0: [((torch.arange(n) % self.block) - centre).abs() <= self.block / 4 for n in shape]}
-        middle[half] = [~m for m in middle[0]]  # the rest: central under the half-block shift
+        if len(shifts) > 1:
+            # per axis: the cells in the middle half of their block unshifted; the rest are in the
+            # middle half under the half-block shift
+            centre = (self.block - 1) / 2
+            unshifted = [((torch.arange(n) % self.block) - centre).abs() <= self.block / 4 for n in shape]
+            middle = {0: unshifted, half: [~m for m in unshifted]}
         for offset in np.ndindex(*(len(shifts),) * 3):
             off = [shifts[o] for o in offset]
+            take = 1.0
             if len(shifts) > 1:
                 mx, my, mz = (middle[s][a] for a, s in enumerate(off))
                 take = (mx[:, None, None] & my[None, :, None] & mz[None, None, :]).to(coarse)
-            else:
-                take = torch.ones(shape, dtype=coarse.dtype)
             masks = phase_masks(shape, self.block, off).to(coarse)
             for k in range(N_PHASES):
                 m = masks[k][None, None]
                 x = torch.cat([padded, m], 1)
                 pred = sliding_window_inference(x, window, sw_batch, predict, overlap=overlap, mode="gaussian")
-                out += pred * (m * take.to(m))
+                out += pred * (m * take)
         return out[..., :grid[0], :grid[1], :grid[2]]
