@@ -122,6 +122,20 @@ def init_distributed(device_pref: str) -> DistInfo:
     return DistInfo(rank, world, local)
 
 
+def _leave_together() -> None:
+    """End a distributed fit on every rank at once, and free the process group.
+
+    A rank that reaches interpreter exit while another is still writing the
+    checkpoint tears down gloo's worker threads mid-flight and aborts
+    ("terminate called without an active exception"); the barrier keeps the
+    ranks in step and the explicit teardown frees the threads in order.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _device_for(settings: TrainSettings, dist_info: DistInfo) -> torch.device:
     device = resolve_device(settings.device)
     if device.type == "cuda" and dist_info.world > 1:
@@ -393,6 +407,9 @@ def fit(
             save(step)
     if bar is not None:
         bar.close()
+    if dist_info.world > 1:
+        del ddp_model  # its reducer holds the process group
+        _leave_together()
     model.eval()
     return TrainResult(model, step, resumed_from, log_path, ckpt_path)
 
