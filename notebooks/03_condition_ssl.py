@@ -58,6 +58,7 @@ context_phase_prob = None  # context: share of training masks drawn like the inf
 context_heteroscedastic = None  # context: also predict the log-variance (Gaussian NLL loss)
 context_target = None  # context: what hidden cells regress: descriptor | intensity (cell mean and std)
 context_centred = None  # context: read each cell from the pass that centres it in its hidden block
+context_norm = None  # context: normalisation layers: instance | batch (whole-grid maps, faster)
 pool_stride = None  # context: the density grid's pooling stride (as in notebook 04)
 descriptor_patch = None  # context: descriptor window (X, Y, Z) for whole-scan grids
 lr = None  # peak learning rate

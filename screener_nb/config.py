@@ -105,7 +105,8 @@ STAGES: dict[str, dict] = {
             "phantom_shape": _p(tuple, _prof((96, 96, 80), (128, 128, 100), (160, 160, 128)), "phantom grid (X, Y, Z) voxels"),
             "phantom_spacing": _p(tuple, (2.0, 2.0, 2.5), "phantom voxel size (mm)"),
             "target_spacing": _p(tuple, (1.5, 1.5, 2.25), "preprocessed voxel size (mm)"),
-            "clahe": _p(bool, True, "3D CLAHE after windowing (the authors call it essential)"),
+            "clahe": _p(bool, _prof(False, False, True), "3D CLAHE after windowing (the authors call it essential; "
+                        "quick / demo: off, it spreads the liver's HU over the range faint liver lesions span)"),
             "max_cases": _p(int, _prof(4, 0, 0), "cap on cases read from a manifest or the samples (0 = all)"),
         },
     },
@@ -124,14 +125,17 @@ STAGES: dict[str, dict] = {
             "mask_ratio": _p(float, 0.6, "fraction of blocks hidden in a masked view"),
             "mask_prob": _p(float, 0.5, "probability that a view is masked (masked_unet)"),
             "mask_grid": _p(tuple, (4, 4, 4), "blocks per axis (masked_unet; 96x96x64 crop -> 24x24x16 blocks)"),
-            "context_block": _p(int, 4, "context: side of a hidden block, in grid cells (4 cells = 18 mm)"),
+            "context_block": _p(int, _prof(8, 8, 4), "context: side of a hidden block, in grid cells (8 cells = 36 mm)"),
             "context_window": _p(int, 32, "context: training window side, in grid cells"),
             "context_phase_prob": _p(float, 0.5, "context: share of training masks drawn like the inference masks"),
             "context_heteroscedastic": _p(bool, False, "context: also predict the log-variance (Gaussian NLL loss)"),
-            "context_target": _p(str, "descriptor", "context: what hidden cells regress: descriptor (pooled) | "
+            "context_target": _p(str, _prof("intensity", "intensity", "descriptor"),
+                                 "context: what hidden cells regress: descriptor (pooled) | "
                                  "intensity (cell mean and std); both standardised", ("descriptor", "intensity")),
-            "context_centred": _p(bool, False, "context: read each cell from the pass that centres it in its "
+            "context_centred": _p(bool, _prof(True, True, False), "context: read each cell from the pass that centres it in its "
                                   "hidden block (8x the inference passes)"),
+            "context_norm": _p(str, _prof("batch", "batch", "instance"), "context: normalisation layers: instance | batch (frozen "
+                               "statistics: whole-grid maps in one pass per mask, ~2x faster)", ("instance", "batch")),
             "pool_stride": _p(tuple, (3, 3, 2), "context: the density grid's pooling stride (as in stage 04)"),
             "descriptor_patch": _p(tuple, _prof((48, 48, 32), (48, 48, 32), (96, 96, 64)),
                                    "context: descriptor window (X, Y, Z) voxels for the scans' grids"),

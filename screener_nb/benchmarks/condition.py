@@ -95,7 +95,7 @@ def _phantom_kind_labels(run_dir: Path, case) -> tuple[np.ndarray, list[str], np
 
 def train_context(train: list[dict], dim: int, *, steps: int, block: int, window: int, lr: float,
                   batch: int, seed: int, phase_prob: float, ratio: float, size: str = "tiny",
-                  heteroscedastic: bool = False):
+                  heteroscedastic: bool = False, norm: str = "instance"):
     """The context condition trained on cached grids with the stage's own task
     (:class:`~screener_nb.ssl.context_task.ContextTask`), in a plain warm-up + cosine loop."""
     from ..models.context import ContextNet
@@ -104,7 +104,7 @@ def train_context(train: list[dict], dim: int, *, steps: int, block: int, window
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = ContextNet(dim, size=size, block=block, heteroscedastic=heteroscedastic)
+    net = ContextNet(dim, size=size, block=block, heteroscedastic=heteroscedastic, norm=norm)
     task = ContextTask(train, window, block, ratio=ratio, phase_prob=phase_prob)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-6, eps=1e-3)
     t0 = time.time()
@@ -127,14 +127,15 @@ def _context_for(cache_dir: Path, key: str, args, train: list[dict], dim: int, b
 
     target = "" if args.context_target == "y" else f"-{args.context_target}"
     path = cache_dir / (f"context-{key}-{args.features}{target}-{args.steps}-{block}-{args.window}-{args.lr}-"
-                        f"{args.phase_prob}-{args.ratio}{'-h' if args.hetero else ''}.pt")
+                        f"{args.phase_prob}-{args.ratio}{'-h' if args.hetero else ''}"
+                        f"{'' if args.norm == 'instance' else '-' + args.norm}.pt")
     if path.exists():
-        net = ContextNet(dim, block=block, heteroscedastic=args.hetero)
+        net = ContextNet(dim, block=block, heteroscedastic=args.hetero, norm=args.norm)
         net.load_state_dict(torch.load(path))
         return net.eval()
     net = train_context(train, dim, steps=args.steps, block=block, window=args.window, lr=args.lr,
                         batch=4, seed=0, phase_prob=args.phase_prob, ratio=args.ratio,
-                        heteroscedastic=args.hetero)
+                        heteroscedastic=args.hetero, norm=args.norm)
     torch.save(net.state_dict(), path)
     return net
 
@@ -261,6 +262,10 @@ def main(argv=None) -> None:
                     "its hidden block (64 passes)")
     ap.add_argument("--context-target", default="y", choices=("y", "intensity"),
                     help="what the context regresses: y, or the cell intensities (mean, std)")
+    ap.add_argument("--norm", default="instance", choices=("instance", "batch"),
+                    help="the context network's normalisation layers")
+    ap.add_argument("--whole", action="store_true", help="context maps from the whole grid in one pass "
+                    "per mask (no windows; for --norm batch)")
     ap.add_argument("--hetero", action="store_true", help="the context also predicts its log-variance")
     ap.add_argument("--flows", action="store_true", help="also fit the flows (minutes each)")
     ap.add_argument("--density-crop", type=int, default=16, help="density training crop side, cells")
@@ -321,14 +326,16 @@ def main(argv=None) -> None:
         t1 = time.time()
         net = _context_for(cache_dir, key, args, train, tdim, block)
         t_ctx += time.time() - t1
+        t_maps = time.time()
         for f in feats.values():
-            f[f"context{block}"] = net.condition_map(f["coarse"][None], window=(args.window,) * 3,
-                                                     centred=args.centred)[0]
+            f[f"context{block}"] = net.condition_map(
+                f["coarse"][None], window=None if args.whole else (args.window,) * 3, centred=args.centred)[0]
         # how well the surroundings predict the descriptor (R^2 on body cells, standardised units)
         for group, ids in (("train", train_ids), ("val", val_ids)):
             e = torch.cat([(feats[i][f"context{block}"][:tdim] - feats[i]["target"])[:, feats[i]["body"]] for i in ids], 1)
             r2[f"{group}{block}"] = float(1 - e.square().mean())
-        print(f"context (block {block}) ready after {t_ctx:.0f} s; R^2 train {r2[f'train{block}']:.3f}, "
+        t_maps = (time.time() - t_maps) / len(feats)
+        print(f"context (block {block}) maps {t_maps:.1f} s per case; ready after {t_ctx:.0f} s; R^2 train {r2[f'train{block}']:.3f}, "
               f"val {r2[f'val{block}']:.3f}", flush=True)
 
     from ..models.encodings import sincos_condition_map

@@ -42,6 +42,8 @@ from ..errors import ConfigError, InputError
 #: channels of the coarse image input (cell mean, cell standard deviation) + the mask channel
 IMAGE_CHANNELS = 2
 N_PHASES = 8
+#: normalisation layers the context network can use (see :class:`ContextNet`)
+NORMS = ("instance", "batch")
 
 
 def coarse_image(image: torch.Tensor, stride=(3, 3, 2)) -> torch.Tensor:
@@ -104,18 +106,27 @@ class ContextNet(nn.Module):
     descriptor each cell's surroundings predict (meaningful at hidden cells); ``heteroscedastic``:
     (B, 2D, x, y, z), the prediction and its log-variance (how sure the surroundings are). Input
     sides must be multiples of ``self.multiple`` (use :meth:`condition_map` for any size).
+
+    ``norm``: ``"instance"`` (statistics of each input window, so the output depends on the
+    window layout) or ``"batch"`` (training-batch statistics, frozen in eval mode: the network
+    is then translation-equivariant, and a whole scan's grid can be read in one pass with
+    ``window=None``, the same at every cell as any windowing far from the window edges).
     """
 
-    def __init__(self, dim: int = 32, size: str = "tiny", block: int = 4, heteroscedastic: bool = False):
+    def __init__(self, dim: int = 32, size: str = "tiny", block: int = 4, heteroscedastic: bool = False,
+                 norm: str = "instance"):
         super().__init__()
         from .unet import build_unet
 
+        if norm not in NORMS:
+            raise ConfigError(f"context norm: expected one of {', '.join(NORMS)}, found {norm!r}")
         self.dim, self.block, self.heteroscedastic = int(dim), int(block), bool(heteroscedastic)
+        self.norm = norm
         self.out_channels = self.dim * (2 if self.heteroscedastic else 1)
-        self.unet = build_unet(size, in_channels=IMAGE_CHANNELS + 1, out_channels=self.out_channels)
+        self.unet = build_unet(size, in_channels=IMAGE_CHANNELS + 1, out_channels=self.out_channels, norm=norm)
         self.multiple = self.unet.multiple
         self.config = {"kind": "context", "dim": self.dim, "size": size, "block": self.block,
-                       "heteroscedastic": self.heteroscedastic}
+                       "heteroscedastic": self.heteroscedastic, "norm": norm}
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-cell loss (B, 1, x, y, z) of a prediction ``pred`` (B, out_channels, ...) of the
@@ -148,13 +159,16 @@ class ContextNet(nn.Module):
         half of its hidden block on every axis, so at least ``block // 4`` hidden cells separate
         it from anything the network sees (without: a cell at its block's edge has visible
         neighbours, and a finding larger than one cell reaches its own condition).
-        Windows (MONAI sliding window) keep the network's input the size it was trained on."""
+        Windows (MONAI sliding window) keep the network's input the size it was trained on;
+        ``window=None`` runs the whole (padded) grid in one pass, the fast choice of a
+        ``norm="batch"`` network."""
         from monai.inferers import sliding_window_inference
 
         if coarse.ndim != 5 or coarse.shape[0] != 1 or coarse.shape[1] != IMAGE_CHANNELS:
             raise InputError("ContextNet.condition_map", f"one coarse grid (1, {IMAGE_CHANNELS}, x, y, z)",
                              f"shape {tuple(coarse.shape)}")
-        window = tuple(int(w) for w in window)
+        whole = window is None
+        window = (1, 1, 1) if whole else tuple(int(w) for w in window)
         padded, grid = self._padded(coarse, window)
         shape = padded.shape[2:]
         out = torch.zeros(1, self.out_channels, *shape, dtype=coarse.dtype, device=coarse.device)
@@ -180,6 +194,7 @@ class ContextNet(nn.Module):
             for k in range(N_PHASES):
                 m = masks[k][None, None]
                 x = torch.cat([padded, m], 1)
-                pred = sliding_window_inference(x, window, sw_batch, predict, overlap=overlap, mode="gaussian")
+                pred = (predict(x) if whole else
+                        sliding_window_inference(x, window, sw_batch, predict, overlap=overlap, mode="gaussian"))
                 out += pred * (m * take)
         return out[..., :grid[0], :grid[1], :grid[2]]

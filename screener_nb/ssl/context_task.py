@@ -91,6 +91,7 @@ def context_spec(cfg: Any, dim: int, mean: torch.Tensor, std: torch.Tensor) -> d
     return {"kind": "context", "size": cfg.model_size, "dim": int(dim), "block": int(cfg.context_block),
             "heteroscedastic": bool(cfg.context_heteroscedastic),
             "target": str(cfg.context_target), "centred": bool(cfg.context_centred),
+            "norm": str(cfg.context_norm),
             "window": int(cfg.context_window), "pool_stride": list(cfg.pool_stride),
             "descriptor_patch": list(cfg.descriptor_patch), "y_mean": mean.tolist(), "y_std": std.tolist()}
 
@@ -119,7 +120,8 @@ def train_context(cfg: Any, *, callback: Callable[[dict], None] | None = None,
     spec = context_spec(cfg, ys.shape[0], mean, std)
     files.write_json(out / "model.json", spec)
     torch.manual_seed(cfg.seed)
-    model = ContextNet(spec["dim"], size=spec["size"], block=spec["block"], heteroscedastic=spec["heteroscedastic"])
+    model = ContextNet(spec["dim"], size=spec["size"], block=spec["block"], heteroscedastic=spec["heteroscedastic"],
+                       norm=spec["norm"])
     task = ContextTask(grids, spec["window"], spec["block"], ratio=cfg.mask_ratio, phase_prob=cfg.context_phase_prob)
     return fit(model, task, TrainSettings.from_config(cfg), out, callback=callback, desc="condition",
                stop_after=stop_after)
@@ -131,12 +133,14 @@ def load_context(run_dir: str | Path, *, trained: bool = True, device: str | tor
 
     folder = Path(run_dir) / "condition"
     spec = files.read_json(folder / "model.json")
+    norm = spec.get("norm", "instance")  # runs made before the option: instance norm
     model = ContextNet(spec["dim"], size=spec["size"], block=spec["block"],
-                       heteroscedastic=spec.get("heteroscedastic", False))
+                       heteroscedastic=spec.get("heteroscedastic", False), norm=norm)
     if trained:
         load_checkpoint(folder, model)
     model.spec = {**spec, "out_channels": model.out_channels}
-    model.window = (int(spec["window"]),) * 3
+    # frozen batch statistics make the network window-independent: one pass over the whole grid
+    model.window = None if norm == "batch" else (int(spec["window"]),) * 3
     model.centred = bool(spec.get("centred", False))
     return model.eval().requires_grad_(False).to(device)
 

@@ -79,6 +79,8 @@ def test_context_regressing_intensities_with_centred_maps(quick_run, tmp_path):
     inference in its spec, and its condition maps are the centred ones."""
     import shutil
 
+    import torch
+
     from screener_nb import config, files
     from screener_nb.data.cohort import load_cohort
     from screener_nb.ssl.context_task import context_maps, load_context, train_context
@@ -86,10 +88,10 @@ def test_context_regressing_intensities_with_centred_maps(quick_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(quick_run, run, ignore=shutil.ignore_patterns("condition", "density", "distill", "eval"))
     cfg = config.resolve("condition", profile="quick", run_dir=str(run), context_target="intensity",
-                         context_centred=True)
+                         context_centred=True, context_norm="batch")
     train_context(cfg)
     spec = files.read_json(run / "condition" / "model.json")
-    assert (spec["target"], spec["centred"], spec["dim"]) == ("intensity", True, 2)
+    assert (spec["target"], spec["centred"], spec["dim"], spec["norm"]) == ("intensity", True, 2, "batch")
     sx, sy, sz = cfg.pool_stride
     means, stds = [], []
     for case in load_cohort(run, role="train"):
@@ -104,7 +106,8 @@ def test_context_regressing_intensities_with_centred_maps(quick_run, tmp_path):
     np.testing.assert_allclose(spec["y_mean"], [np.concatenate(means).mean(), np.concatenate(stds).mean()],
                                rtol=1e-4, atol=1e-6)
     net = load_context(run)
-    assert net.centred
+    assert net.centred and net.window is None  # batch norm: whole-grid maps
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
     case = load_cohort(run, role="val")[0]
     y, c = context_maps(run, case)
     assert y.shape[0] == c.shape[0] == 2

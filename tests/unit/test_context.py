@@ -131,3 +131,24 @@ def test_centred_inference_hides_a_margin_around_every_cell(block):
     plain = net.condition_map(coarse, window=(32, 32, 32))
     plain_changed = net.condition_map(changed, window=(32, 32, 32))
     assert (plain_changed[near] - plain[near]).abs().max() > 1e-3
+
+
+def test_batch_norm_network_reads_a_whole_grid_in_one_pass():
+    """norm="batch": the network's layers are batch norms, and in eval mode window=None equals
+    MONAI's sliding window with one window covering the padded grid."""
+    torch.manual_seed(0)
+    net = ContextNet(dim=2, size="tiny", block=4, norm="batch")
+    net.train()
+    net(torch.rand(2, 2, 32, 32, 32), torch.zeros(2, 1, 32, 32, 32))  # non-trivial running statistics
+    net.eval()
+    coarse = torch.rand(1, 2, 30, 20, 28)  # padded to (32, 32, 32)
+    whole = net.condition_map(coarse, window=None)
+    monai = net.condition_map(coarse, window=(32, 32, 32), overlap=0.0)
+    torch.testing.assert_close(whole, monai, rtol=1e-5, atol=1e-5)
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
+
+
+def test_context_rejects_an_unknown_norm():
+    with pytest.raises(ConfigError, match="context norm"):
+        ContextNet(dim=2, norm="layer")
