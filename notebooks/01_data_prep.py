@@ -16,8 +16,11 @@
 #
 # **What you learn:** how Screener prepares CT before any learning: canonical
 # orientation, body mask, crop, resampling to 1.5 x 1.5 x 2.25 mm, HU window
-# [-1000, 300] scaled to [0, 1], then 3D CLAHE (the authors found CLAHE
-# essential: without it, colour augmentations wash out pathology).
+# [-1000, 300] scaled to [0, 1], then 3D CLAHE in the `full` profile (the authors
+# found CLAHE essential: without it, colour augmentations wash out pathology). The
+# CPU profiles skip CLAHE: it spreads the liver's intensities over a range wider
+# than the 20-60 HU by which a liver lesion differs from it, and the CPU design's
+# condition predicts intensities (README, "Departures from the paper").
 #
 # **Runtime:** quick < 1 min, demo < 1 min on 2 CPU cores (27 s with an empty
 # preprocessing cache, CLAHE on the real CTs dominates), full depends on your dataset.
@@ -66,8 +69,8 @@ summary
 # %% [markdown]
 # ## Before and after preprocessing
 # Left: the raw scan in HU. Right: the preprocessed volume in [0, 1] with the
-# body mask and the lesion outline. Note the crop to the body and the stronger
-# local contrast from CLAHE.
+# body mask and the lesion outline. Note the crop to the body, and with `clahe`
+# on (profile `full`) the stronger local contrast.
 
 # %%
 import numpy as np

@@ -25,11 +25,13 @@
 #   the same embedding as when visible, so c can only come from the context. It
 #   needs the paper's budget (300k GPU steps) to become masking-invariant.
 # * `context` (profiles `quick` and `demo`): a small UNet on the density grid itself
-#   (4.5 mm cells, a 144 mm field of view) predicts the frozen descriptor of hidden
-#   blocks from the visible cells around them. At inference every cell is hidden in
-#   one of 8 complementary passes and its c is read from that pass, so a finding
-#   smaller than a block (18 mm) can never reach its own condition, whatever the
-#   training budget. The README's "Departures from the paper" has its measured effect.
+#   (4.5 mm cells) predicts the cell intensities (mean and std) of hidden 36 mm blocks
+#   from the visible cells around them: c is the tissue the surroundings expect here.
+#   At inference complementary block masks hide every cell in some pass, and c is read
+#   from the pass that puts the cell in the middle half of its hidden block (centred
+#   masked inference), so at least 2 hidden cells (9 mm) surround it on every side,
+#   whatever the training budget. The README's "Departures from the paper" has the
+#   measured effect of each choice.
 #
 # **Runtime:** quick < 1 min, demo ~5 min on 2 CPU cores, full ~3 days on one H100.
 # **Previous:** [02 · Descriptor SSL](02_descriptor_ssl.ipynb) · **Next:** [04 · Density](04_density_fit.ipynb)
@@ -52,7 +54,7 @@ condition_model = None  # context | masked_unet (the paper's; profile full)
 mask_ratio = None  # fraction of blocks hidden in a masked view (paper 0.6)
 mask_prob = None  # masked_unet: probability that a view is masked (0.5)
 mask_grid = None  # masked_unet: blocks per axis (4, 4, 4): 24 x 24 x 16 blocks on a 96 x 96 x 64 crop
-context_block = None  # context: hidden block side in grid cells (4 cells: 18 mm)
+context_block = None  # context: hidden block side in grid cells (8 cells: 36 mm)
 context_window = None  # context: training window side in grid cells
 context_phase_prob = None  # context: share of training masks drawn like the inference masks
 context_heteroscedastic = None  # context: also predict the log-variance (Gaussian NLL loss)
@@ -143,10 +145,11 @@ loss_curves(log, keys=[k for k in ("loss", "invariance", "variance", "covariance
 #
 # `context`: blindness holds by construction (a unit test changes a block's input
 # and checks that c inside the block stays the same). What training adds is
-# *prediction*: the share of the descriptor's variance that the surroundings explain
-# on held-out scans (R^2), against the same network at initialisation. The maps show
-# the descriptor and the condition (one PCA, same colours): the condition is the
-# smooth anatomy the descriptor should look like there.
+# *prediction*: the share of the target's variance (the cell intensities with
+# `context_target="intensity"`, else the pooled descriptor) that the surroundings
+# explain on held-out scans (R^2), against the same network at initialisation. The
+# maps show the target and the condition (one PCA, same colours): the condition is
+# the smooth anatomy the surroundings expect there.
 
 # %% papermill_description=condition-quality
 import pandas as pd
@@ -186,7 +189,8 @@ else:
     y, c = context_maps(cfg.run_dir, probes[0])
     rgb = pca_rgb(np.concatenate([y, c], axis=1))  # one PCA for both: same colours
     half = y.shape[1]
-    slices_grid([rgb[:half], rgb[half:]], ["descriptor y (pooled)", "condition c (from the surroundings)"],
+    target = "cell intensities" if cfg.context_target == "intensity" else "descriptor (pooled)"
+    slices_grid([rgb[:half], rgb[half:]], [f"target: {target}", "condition c (from the surroundings)"],
                 index=y.shape[3] // 2)
 
 # %%

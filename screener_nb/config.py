@@ -120,7 +120,7 @@ STAGES: dict[str, dict] = {
             "condition_model": _p(str, _prof("context", "context", "masked_unet"),
                                   "context (masked descriptor prediction on the density grid) | masked_unet (the paper's)",
                                   ("context", "masked_unet")),
-            "steps": _p(int, _prof(60, 600, 300_000), "optimiser steps"),
+            "steps": _p(int, _prof(60, 300, 300_000), "optimiser steps"),
             "lr": _p(float, _prof(2e-3, 2e-3, 3e-4), "peak learning rate (AdamW)"),
             "mask_ratio": _p(float, 0.6, "fraction of blocks hidden in a masked view"),
             "mask_prob": _p(float, 0.5, "probability that a view is masked (masked_unet)"),
@@ -173,7 +173,7 @@ STAGES: dict[str, dict] = {
             "student_size": _p(str, _prof("tiny", "tiny", "paper"), "student UNet size", ("tiny", "small", "paper")),
             "patch": _p(tuple, _prof((48, 48, 32), (48, 48, 32), (96, 96, 64)), "crop size (X, Y, Z) voxels"),
             "finetune_k": _p(int, _prof(2, 4, 25), "labelled cases per fine-tuning fold"),
-            "teacher_cases": _p(int, _prof(0, 8, 0), "training cases whose teacher maps the student learns from "
+            "teacher_cases": _p(int, _prof(0, 6, 0), "training cases whose teacher maps the student learns from "
                                 "(0 = all; a cap, balanced over datasets, saves whole-volume teacher passes on CPU)"),
             "finetune_steps": _p(int, _prof(10, 30, 5000), "fine-tuning steps per fold and init"),
             "finetune_dataset": _p(str, _prof("phantoms", "phantoms", ""),

@@ -131,6 +131,9 @@ def test_the_run_ends_with_the_summary_table(tmp_path, capsys):
     print_summary(run, 125.0)
     out = capsys.readouterr().out
     assert "main method learned-flow" in out and "0.91" in out and "zscore" in out and "0.62" in out
+    header = next(line for line in out.splitlines() if "AUROC@0.3" in line)
+    assert header.split() == ["AUROC", "AUROC@0.3", "AUPRO@0.3", "Dice", "best", "other", "AUROC", "(other)",
+                              "AUROC@0.3", "(other)", "AUPRO@0.3", "(other)", "Dice", "(other)"]
     assert "finished in 2.1 min" in out
 
 
