@@ -115,10 +115,11 @@ STAGES: dict[str, dict] = {
         "notebook": "03_condition_ssl",
         "params": {
             **_SSL,
-            # quick / demo: the context condition (a masked predictor of the descriptor on the density
-            # grid, masked inference; README "Departures"); full: the paper's masked full-resolution UNet
+            # quick / demo: the context condition (a masked predictor of the cell intensities on the
+            # density grid, centred masked inference; README "Departures"); full: the paper's masked
+            # full-resolution UNet
             "condition_model": _p(str, _prof("context", "context", "masked_unet"),
-                                  "context (masked descriptor prediction on the density grid) | masked_unet (the paper's)",
+                                  "context (masked prediction from the surroundings on the density grid) | masked_unet (the paper's)",
                                   ("context", "masked_unet")),
             "steps": _p(int, _prof(60, 300, 300_000), "optimiser steps"),
             "lr": _p(float, _prof(2e-3, 2e-3, 3e-4), "peak learning rate (AdamW)"),
@@ -135,7 +136,7 @@ STAGES: dict[str, dict] = {
             "context_centred": _p(bool, _prof(True, True, False), "context: read each cell from the pass that centres it in its "
                                   "hidden block (8x the inference passes)"),
             "context_norm": _p(str, _prof("batch", "batch", "instance"), "context: normalisation layers: instance | batch (frozen "
-                               "statistics: whole-grid maps in one pass per mask, ~2x faster)", ("instance", "batch")),
+                               "statistics: whole-grid maps in one pass per mask, ~2.7x faster)", ("instance", "batch")),
             "pool_stride": _p(tuple, (3, 3, 2), "context: the density grid's pooling stride (as in stage 04)"),
             "descriptor_patch": _p(tuple, _prof((48, 48, 32), (48, 48, 32), (96, 96, 64)),
                                    "context: descriptor window (X, Y, Z) voxels for the scans' grids"),

@@ -243,8 +243,7 @@ def print_summary(run_dir: Path, seconds: float) -> None:
         if "learned-flow" in [str(m) for m in ds.method.values]:
             table = run_summary(ds, main="learned-flow")
             # one flat header line: the main method's metrics, then the best other method's
-            table.columns = [a if b == "learned-flow" or a == "best other" else f"{a} " for a, b in table.columns]
-            table.columns = [f"{c.strip()} (other)" if c.endswith(" ") else c for c in table.columns]
+            table.columns = [a if b in ("learned-flow", "") else f"{a} (other)" for a, b in table.columns]
             table = table.apply(lambda col: col.round(3) if col.dtype.kind == "f" else col)
             with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
                 print(f"[run] pooled results, main method learned-flow, best other method beside it:\n"

@@ -13,9 +13,11 @@ lowers every method it joins. This module gives the condition that property
    at the default spacing): two channels, the cell's mean intensity and its
    standard deviation. A 32^3-cell window covers 144 x 144 x 144 mm.
 2. **Masked prediction.** Training hides blocks of cells (``block`` cells per
-   side) and regresses the frozen descriptor's pooled, standardised features
-   y at the hidden cells only (mean squared error, body cells only). So the
-   output at a hidden cell is an estimate of E[y | context].
+   side) and regresses a standardised target at the hidden cells only (mean
+   squared error, body cells only): the frozen descriptor's pooled features, or
+   the cell mean and std themselves (``context_target``; the CPU profiles' choice,
+   since the surroundings predict intensities far better than the descriptor).
+   So the output at a hidden cell is an estimate of E[target | context].
 3. **Masked inference.** At inference every cell is hidden in exactly one of
    ``2 ** 3 = 8`` passes: pass ``k`` hides the blocks whose block indices have
    parities ``k`` (every hidden block is surrounded by visible ones), and c at
@@ -109,8 +111,8 @@ class ContextNet(nn.Module):
 
     ``norm``: ``"instance"`` (statistics of each input window, so the output depends on the
     window layout) or ``"batch"`` (training-batch statistics, frozen in eval mode: the network
-    is then translation-equivariant, and a whole scan's grid can be read in one pass with
-    ``window=None``, the same at every cell as any windowing far from the window edges).
+    does not depend on the window layout, and a whole scan's grid is read in one pass per mask
+    with ``window=None``).
     """
 
     def __init__(self, dim: int = 32, size: str = "tiny", block: int = 4, heteroscedastic: bool = False,
