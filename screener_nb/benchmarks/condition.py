@@ -389,10 +389,22 @@ def main(argv=None) -> None:
                 out["-maha"] = 0.5 * model(f["ys"][None], cc)[0][0].square().sum(0)
         return out
 
-    # per-method score statistics on the training cases' body cells: the multi-scale score
-    # compares standardised scores of models whose NLLs live on different scales
+    def residual(i, b) -> torch.Tensor:
+        """0.5 |target - c|^2 of the context's own prediction (standardised by its variance if it
+        predicts one) on the cell grid of case i."""
+        pred = feats[i][f"context{b}"]
+        res = (feats[i]["target"] - pred[:tdim]).square()
+        if args.hetero:
+            res = res * torch.exp(-pred[tdim:].clamp(-7, 7))
+        return 0.5 * res.sum(0)
+
+    # per-method score statistics on the training cases' body cells: the multi-scale and the
+    # joint scores compare standardised scores of models whose NLLs live on different scales
     dens_kind = {(cond, model): name.split("-")[-1] for name, (cond, model) in models.items()}
     stats = {}
+    for b in blocks:
+        v = torch.cat([residual(i, b)[feats[i]["body"]] for i in train_ids])
+        stats[f"context{b}-residual"] = (float(v.mean()), float(v.std()))
     for m, (cond, model) in models.items():
         if "context" not in cond:
             continue
@@ -411,12 +423,10 @@ def main(argv=None) -> None:
                     continue
                 for suffix, s in cell_scores(i, cond, model).items():
                     cells[m + suffix] = s
-            for b in blocks:  # the context's own residual (standardised by its variance if it predicts one)
-                pred = feats[i][f"context{b}"]
-                res = (feats[i]["target"] - pred[:tdim]).square()
-                if args.hetero:
-                    res = res * torch.exp(-pred[tdim:].clamp(-7, 7))
-                cells[f"context{b}-residual"] = 0.5 * res.sum(0)
+            for b in blocks:  # the context's own residual, alone and added to the density's score
+                cells[f"context{b}-residual"] = residual(i, b)
+                z = {n: (cells[n] - stats[n][0]) / stats[n][1] for n in (f"context{b}-gaussian", f"context{b}-residual")}
+                cells[f"context{b}-gaussian+residual"] = z[f"context{b}-gaussian"] + z[f"context{b}-residual"]
             if len(blocks) > 1:
                 for suffix in ("", "-maha"):
                     names = [f"context{b}-gaussian{suffix}" for b in blocks]
