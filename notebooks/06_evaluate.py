@@ -113,7 +113,7 @@ from screener_nb.evaluate import run_evaluation
 
 ds = run_evaluation(cfg)
 print(f"{ds.sizes['case']} test case(s), {int(ds.attrs['n_val_cases'])} validation case(s), "
-      f"methods: {', '.join(map(str, ds.method.values))}")
+      f"methods: {', '.join(map(str, ds.model.values))}")
 ds
 
 # %% [markdown]
@@ -200,5 +200,5 @@ from screener_nb import files
 report = Path(cfg.run_dir) / "eval" / "report.html"
 print(f"report: {report.resolve()} ({report.stat().st_size / 1e6:.1f} MB)")
 files.mark_done(cfg.run_dir, "eval",
-                {"methods": [str(m) for m in ds.method.values], "best": best, "max_fpr": cfg.max_fpr})
+                {"methods": [str(m) for m in ds.model.values], "best": best, "max_fpr": cfg.max_fpr})
 print("evaluation stage done")

@@ -82,7 +82,7 @@ from screener_nb.viz.plots import orthogonal_slices
 maps = loaded.anomaly_maps
 label = loaded.label
 amap = maps[best]
-threshold = float(results["threshold"].sel({"method": best})) if "threshold" in results else float(
+threshold = float(results["threshold"].sel({"model": best})) if "threshold" in results else float(
     np.quantile(amap[np.asarray(loaded.body)], 0.99))
 if label is not None and label.any():
     centre = tuple(int(v) for v in np.argwhere(label > 0).mean(0).round())
@@ -126,8 +126,8 @@ from screener_nb.viz.plots import slices_grid
 
 names = list(maps)
 body = np.asarray(loaded.body, bool)
-thresholds = {m: (float(results["threshold"].sel({"method": m})) if "threshold" in results
-                  and m in results["threshold"].method else float(np.quantile(maps[m][np.asarray(loaded.body)], 0.99)))
+thresholds = {m: (float(results["threshold"].sel({"model": m})) if "threshold" in results
+                  and m in results["threshold"].model else float(np.quantile(maps[m][np.asarray(loaded.body)], 0.99)))
               for m in names}
 slices_grid([loaded.image] * len(names), titles=names, plane="axial", index=centre[2], spacing=loaded.spacing,
             # each map in units of its own spread above its own threshold, so one colour scale fits all

@@ -5,6 +5,7 @@
     data      check dataset manifests / fetch the real sample cohort
     bench     print speed and memory figures (train, inference, metrics, phantoms)
     compare   metrics of two or more runs side by side
+    figures   an evaluated run's anomaly-map and ROC/PRO figures as PNGs (for the README)
     params    list a stage's parameters and their defaults per profile
     envcheck  check that pyproject and the conda/Binder environment files agree
 
@@ -36,7 +37,7 @@ def _cmd_run(args) -> int:
     from .runner import run
 
     run(args.out, profile=args.profile, params=_kv(args.param), stages=args.stages, force=args.force,
-        param_file=args.file)
+        param_file=args.file, progress_bar=args.progress)
     return 0
 
 
@@ -79,6 +80,12 @@ def _cmd_compare(args) -> int:
     return main_compare(args.runs, html=args.html) or 0
 
 
+def _cmd_figures(args) -> int:
+    from .viz.run_figures import main
+
+    return main(args.rest) or 0
+
+
 def _cmd_params(args) -> int:
     from . import config
 
@@ -105,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", help="YAML file of parameters (stored with the run)")
     p.add_argument("--stages", help="subset, e.g. 01,02 or 01-04 or data,descriptor (default 00-06)")
     p.add_argument("--force", help="stages to redo although completed (old outputs kept in .replaced/)")
+    p.add_argument("--progress", action="store_true", help="also show papermill's bar over each notebook's cells")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("train", help="train one stage (works under torchrun)")
@@ -127,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+")
     p.add_argument("--html", help="also write a plotly comparison figure here")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("figures", help="an evaluated run's anomaly-map and ROC/PRO figures as PNGs (RUN OUT_DIR)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_figures)
 
     p = sub.add_parser("params", help="a stage's parameters")
     p.add_argument("stage")

@@ -24,6 +24,7 @@ from . import files
 from .config import split_list
 from .errors import InputError
 from .inference import FeatureExtractor, check_method, method_name
+from .progress import report
 from .train import CHECKPOINT, LOG, TrainSettings, read_log_rows, write_log_rows, fit, load_checkpoint, model_signature
 
 
@@ -243,7 +244,7 @@ JOINT_DIR = "joint_fit"  # checkpoint + log of the ensemble (resume); each model
 
 
 def fit_densities(cfg: Any, *, callback: Callable[[str, dict], None] | None = None,
-                  progress: Callable[[str], None] | None = print) -> dict[str, Path]:
+                  progress: Callable[[str], None] | None = report) -> dict[str, Path]:
     """Fit every (condition, density) pair the config asks for, side by side; return their folders.
 
     The ensemble trains through the shared loop in ``density/joint_fit/``

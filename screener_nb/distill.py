@@ -50,6 +50,7 @@ from torch import nn
 
 from . import files
 from .errors import ConfigError, InputError
+from .progress import report
 from .runtime import resolve_device
 from .train import TrainSettings, fit, load_checkpoint
 
@@ -154,7 +155,7 @@ def teacher_maps(run_dir: str | Path, cases: Sequence, *, teacher: str = "learne
             with open(tmp, "wb") as f:
                 np.save(f, m)
         if progress:
-            progress(f"[distill] teacher map {case.id} {case.shape} in {time.perf_counter() - t0:.1f} s")
+            progress(f"[distill] teacher map {case.id} ({i + 1}/{len(cases)}) {case.shape} in {time.perf_counter() - t0:.1f} s")
         out[case.id] = np.load(path, mmap_mode="r")
     return out
 
@@ -378,7 +379,7 @@ def balanced_subset(cases: Sequence, n: int, seed: int) -> list:
 
 def distill_student(cfg: Any, *, callback: Callable[[dict], None] | None = None, stop_after: int | None = None,
                     teacher_fn: TeacherFn | None = None, teacher_key: dict | str | None = None,
-                    progress: Callable[[str], None] | None = print) -> dict:
+                    progress: Callable[[str], None] | None = report) -> dict:
     """Precompute (or reuse) the teacher maps of the training cases and train the student.
 
     Args:

@@ -41,18 +41,18 @@ AUROC) is NaN and its reason is recorded in ``per_case_note`` / ``pooled_note``
 
 Results layout (``xr.Dataset``, saved as ``eval/metrics.nc`` with the h5netcdf engine)::
 
-    dims:  case (test cases, cohort order), method, metric, dataset (pooled groups), curve_point
+    dims:  case (test cases, cohort order), model (one per method), metric, dataset (pooled groups), curve_point
     data variables
-      per_case       (case, method, metric)     float64  metrics of each case alone
-      per_case_note  (case, method, metric)     str      why a value is NaN ("" when defined)
-      pooled         (dataset, method, metric)  float64  pooled over the dataset's labelled test
+      per_case       (case, model, metric)      float64  metrics of each case alone
+      per_case_note  (case, model, metric)      str      why a value is NaN ("" when defined)
+      pooled         (dataset, model, metric)   float64  pooled over the dataset's labelled test
                                                           cases (one ROC over all their voxels: the paper's protocol)
-      pooled_note    (dataset, method, metric)  str
-      threshold      (method)                   float64  Dice threshold chosen on the validation cases
-      threshold_note (method)                   str
+      pooled_note    (dataset, model, metric)   str
+      threshold      (model)                    float64  Dice threshold chosen on the validation cases
+      threshold_note (model)                    str
       n_cases        (dataset)                  int64    labelled test cases pooled per dataset
-      roc_fpr, roc_tpr     (dataset, method, curve_point)  pooled ROC vertices (NaN-padded)
-      pro_fpr, pro_overlap (dataset, method, curve_point)  pooled PRO-curve vertices (NaN-padded)
+      roc_fpr, roc_tpr     (dataset, model, curve_point)   pooled ROC vertices (NaN-padded)
+      pro_fpr, pro_overlap (dataset, model, curve_point)   pooled PRO-curve vertices (NaN-padded)
     coordinates
       case_dataset (case)       the case's dataset (named so because ``dataset`` is the pooled dim)
       lesion_kind (case)        comma-joined lesion kinds ("" without lesion)
@@ -66,11 +66,12 @@ Results layout (``xr.Dataset``, saved as ``eval/metrics.nc`` with the h5netcdf e
     attrs: format, run, profile, max_fpr, threshold_rule, threshold_percentile, connectivity,
            n_val_cases, package, version, timestamp
 
-Selecting a method: ``method`` is also a keyword of xarray's ``.sel`` (the fill
-method), so ``ds.pooled.sel(method="learned-flow")`` fails; write
-``ds.pooled.sel({"method": "learned-flow", "metric": "auroc"})`` or use ``.loc[{...}]``.
+Selecting a value: the dimension of the methods is ``model`` (``method`` is a keyword
+of xarray's ``.sel``), so ``ds.pooled.sel(dataset="phantoms", model="learned-flow",
+metric="auroc")`` works; :func:`screener_nb.results.load` also reads files of format 1,
+whose dimension was still called ``method``.
 
-Deviation from the lead's sketch: the measured contrast (in preprocessed
+Two contrasts: the measured contrast (in preprocessed
 intensity units, comparable across every case) and the phantoms' recorded
 contrast in HU are two coordinates instead of one mixed-unit coordinate.
 Evaluation happens on the preprocessed grid (where the maps are computed and
@@ -91,10 +92,13 @@ import numpy as np
 
 from . import files
 from .errors import ConfigError, InputError
+from .progress import report
 
 METRICS = ("auroc", "pauroc", "aupro", "dice", "best_dice")
 THRESHOLD_RULES = ("dice", "normal_percentile")
-RESULTS_FORMAT = "screener_nb.evaluation/1"
+RESULTS_FORMAT = "screener_nb.evaluation/2"
+#: earlier formats :func:`screener_nb.results.load_results` still reads (format 1: dim ``method``)
+READABLE_FORMATS = ("screener_nb.evaluation/1", RESULTS_FORMAT)
 BASELINES = ("zscore",)
 CURVE_POINTS = 1000
 #: coordinates along ``case`` and their dtypes (object = str)
@@ -464,18 +468,18 @@ class Evaluation:
             case_coords[k] = ("case", np.asarray([self.coords[c][k] for c in self.case_ids], dtype=dtype))
         ds = xr.Dataset(
             data_vars={
-                "per_case": (("case", "method", "metric"), self.per_case),
-                "per_case_note": (("case", "method", "metric"), self.per_case_note.astype(str).astype(object)),
-                "pooled": (("dataset", "method", "metric"), pooled),
-                "pooled_note": (("dataset", "method", "metric"), pooled_note.astype(str).astype(object)),
-                "threshold": (("method",), np.array([self.thresholds[m] for m in self.methods], float)),
-                "threshold_note": (("method",), np.array([self.threshold_notes[m] for m in self.methods], object)),
+                "per_case": (("case", "model", "metric"), self.per_case),
+                "per_case_note": (("case", "model", "metric"), self.per_case_note.astype(str).astype(object)),
+                "pooled": (("dataset", "model", "metric"), pooled),
+                "pooled_note": (("dataset", "model", "metric"), pooled_note.astype(str).astype(object)),
+                "threshold": (("model",), np.array([self.thresholds[m] for m in self.methods], float)),
+                "threshold_note": (("model",), np.array([self.threshold_notes[m] for m in self.methods], object)),
                 "n_cases": (("dataset",), n_cases),
-                **{k: (("dataset", "method", "curve_point"), v) for k, v in curves.items()},
+                **{k: (("dataset", "model", "curve_point"), v) for k, v in curves.items()},
             },
             coords={
                 "case": np.asarray(self.case_ids, dtype=object),
-                "method": np.asarray(self.methods, dtype=object),
+                "model": np.asarray(self.methods, dtype=object),
                 "metric": np.asarray(METRICS, dtype=object),
                 "dataset": np.asarray(self.datasets, dtype=object),
                 "metric_label": ("metric", np.asarray(metric_labels(self.max_fpr), dtype=object)),
@@ -681,7 +685,7 @@ def _source_stamp(run_dir: Path, method: str, overlap: float) -> dict:
     """What a cached map depends on: the producing stage's completion time and the window overlap."""
     stage = "data" if method == "zscore" else ("distill" if method == "student" else "density")
     done = run_dir / stage / "DONE"
-    return {"method": method, "overlap": float(overlap),
+    return {"model": method, "overlap": float(overlap),
             "stage_done_mtime_ns": done.stat().st_mtime_ns if done.exists() else None}
 
 
@@ -698,6 +702,7 @@ class MapSource:
                  sw_batch: int = 2, progress: Callable[[str], None] | None = None):
         self.run_dir, self.eval_dir = Path(run_dir), Path(run_dir) / "eval"
         self.methods, self.progress = list(methods), progress
+        self.cases_done, self.cases_expected = 0, 0  # for "case i/n" in the progress lines
         self.device, self.overlap, self.sw_batch = device, overlap, sw_batch
         self._scorers: dict[str, Any] = {}  # method -> scorer (a JointDensityScorer is shared by its methods)
         self.computed = self.reused = 0
@@ -759,7 +764,9 @@ class MapSource:
             dt = time.perf_counter() - t0
             self.seconds += dt
             if self.progress:
-                self.progress(f"[eval] {case.id}: {len(missing)} map(s) computed in {dt:.1f} s"
+                self.cases_done += 1
+                count = f" ({self.cases_done}/{self.cases_expected})" if self.cases_expected else ""
+                self.progress(f"[eval] {case.id}{count}: {len(missing)} map(s) computed in {dt:.1f} s"
                               + (f", {len(self.methods) - len(missing)} reused" if len(missing) < len(self.methods) else ""))
         self.computed += len(missing)
         self.reused += len(self.methods) - len(missing)
@@ -797,7 +804,7 @@ def _read_lesions(run_dir: Path) -> dict:
     return data
 
 
-def run_evaluation(cfg: Any, *, progress: Callable[[str], None] | None = print, threshold_rule: str = "dice",
+def run_evaluation(cfg: Any, *, progress: Callable[[str], None] | None = report, threshold_rule: str = "dice",
                    keep_cache: bool = False, report: bool = True):
     """The evaluate stage: every method's maps of the run's val and test cases, metrics, maps, report.
 
@@ -836,6 +843,7 @@ def run_evaluation(cfg: Any, *, progress: Callable[[str], None] | None = print, 
     ev = Evaluation(methods, test, lesions, max_fpr=cfg.max_fpr, threshold_rule=threshold_rule, spill_dir=eval_dir)
     source = MapSource(run_dir, methods, device=cfg.device, overlap=cfg.overlap, sw_batch=cfg.sw_batch,
                        progress=progress)
+    source.cases_expected = len(val) + len(test)
     val_maps = [source.get(c, write_maps=False) for c in val]  # memory-mapped cache files
     for m in methods:
         thr = ev.set_threshold(m, [vm[m] for vm in val_maps], val)
@@ -867,10 +875,11 @@ def run_evaluation(cfg: Any, *, progress: Callable[[str], None] | None = print, 
 
 
 # --------------------------------------------------------------------------- figures
-def _curve(ds, dataset: str, method: str, kind: str):
+def pooled_curve(ds, dataset: str, method: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """The pooled ``kind`` ("roc" | "pro") curve of ``method`` on ``dataset``: (fpr, tpr or overlap), without the NaN padding."""
     kx, ky = ("roc_fpr", "roc_tpr") if kind == "roc" else ("pro_fpr", "pro_overlap")
-    x = ds[kx].sel(dict(dataset=dataset, method=method)).values
-    y = ds[ky].sel(dict(dataset=dataset, method=method)).values
+    x = ds[kx].sel(dict(dataset=dataset, model=method)).values
+    y = ds[ky].sel(dict(dataset=dataset, model=method)).values
     keep = np.isfinite(x) & np.isfinite(y)
     return x[keep], y[keep]
 
@@ -883,11 +892,11 @@ def curve_figures(ds) -> dict:
     max_fpr = float(ds.attrs.get("max_fpr", 0.3))
     for d in ds.dataset.values:
         n = int(ds.n_cases.sel(dataset=d))
-        roc = {m: _curve(ds, d, m, "roc") for m in ds.method.values}
+        roc = {m: pooled_curve(ds, d, m, "roc") for m in ds.model.values}
         roc = {m: c for m, c in roc.items() if c[0].size}
         if roc:
             out[f"ROC curves · {d}"] = plots.roc_curves(roc, title=f"{d}: pooled voxel ROC over {n} test case(s)")
-        pro = {m: _curve(ds, d, m, "pro") for m in ds.method.values}
+        pro = {m: pooled_curve(ds, d, m, "pro") for m in ds.model.values}
         pro = {m: c for m, c in pro.items() if c[0].size}
         if pro:
             out[f"PRO curves · {d}"] = plots.pro_curves(pro, max_fpr=max_fpr,
@@ -906,8 +915,8 @@ def scatter_figure(ds, x: str = "lesion_volume_ml", metric: str = "auroc"):
               "lesion_contrast_hu": "lesion contrast (HU)", "n_lesion_voxels": "lesion voxels"}
     label = str(ds.metric_label.sel(metric=metric).values)
     fig = go.Figure()
-    for m in ds.method.values:
-        ys = ds.per_case.sel(dict(method=m, metric=metric)).values
+    for m in ds.model.values:
+        ys = ds.per_case.sel(dict(model=m, metric=metric)).values
         keep = np.isfinite(xs) & np.isfinite(ys)
         text = [f"{c} ({k})" for c, k in zip(ds.case.values[keep], ds.lesion_kind.values[keep])]
         fig.add_trace(go.Scatter(x=xs[keep], y=ys[keep], mode="markers", name=str(m), text=text,
@@ -937,7 +946,7 @@ def best_method(ds, metric: str = "auroc") -> str | None:
             mean = np.nanmean(vals, axis=0) if vals.size else np.array([])
     if mean.size == 0 or not np.isfinite(mean).any():
         return None
-    return str(ds.method.values[int(np.nanargmax(mean))])
+    return str(ds.model.values[int(np.nanargmax(mean))])
 
 
 def lesion_slices(label: np.ndarray, per_case: int = 2) -> list[tuple[int, int, int, int]]:
@@ -959,8 +968,10 @@ def lesion_slices(label: np.ndarray, per_case: int = 2) -> list[tuple[int, int, 
 
 
 def gallery_figure(run_dir: str | Path, ds, method: str | None = None, *, per_case: int = 2,
-                   max_panels: int = 24, cols: int = 3):
+                   max_panels: int = 24, cols: int = 3, half_width_mm: float = 60.0):
     """Axial slices through the lesions (largest components first) with the GT outline and ``method``'s map.
+
+    Each panel is cropped to ``half_width_mm`` around its lesion (the report stays small).
 
     ``method`` defaults to :func:`best_method`; the map is drawn from the validation
     threshold up (so what is coloured is what the method calls lesion). Returns
@@ -973,7 +984,7 @@ def gallery_figure(run_dir: str | Path, ds, method: str | None = None, *, per_ca
     method = method or best_method(ds)
     if method is None:
         return None
-    thr = float(ds.threshold.sel(dict(method=method)))
+    thr = float(ds.threshold.sel(dict(model=method)))
     images, overlays, labels, titles, spacings = [], [], [], [], []
     for cid in ds.case.values:
         if len(images) >= max_panels:
@@ -985,13 +996,15 @@ def gallery_figure(run_dir: str | Path, ds, method: str | None = None, *, per_ca
         if case.label is None or not np.any(case.label):
             continue
         amap = np.load(path).astype(np.float32)
-        auroc = float(ds.per_case.sel(dict(case=cid, method=method, metric="auroc")))
+        auroc = float(ds.per_case.sel(dict(case=cid, model=method, metric="auroc")))
         for i, j, k, size in lesion_slices(case.label, per_case):
             if len(images) >= max_panels:
                 break
-            images.append(np.asarray(case.image[:, :, k]))
-            overlays.append(amap[:, :, k])
-            labels.append(np.asarray(case.label[:, :, k]))
+            hi, hj = (max(1, int(round(half_width_mm / sp))) for sp in case.spacing[:2])
+            win = (slice(max(0, i - hi), i + hi + 1), slice(max(0, j - hj), j + hj + 1), k)
+            images.append(np.asarray(case.image[win]))
+            overlays.append(amap[win])
+            labels.append(np.asarray(case.label[win]))
             spacings.append(case.spacing)
             titles.append(f"{cid} z={k}, {size} vox, AUROC {auroc:.2f}")
     if not images:
@@ -1032,8 +1045,8 @@ def pooled_frame(ds):
 
     rows = {}
     for d in ds.dataset.values:
-        for m in ds.method.values:
-            rows[(str(d), str(m))] = ds.pooled.sel(dict(dataset=d, method=m)).values
+        for m in ds.model.values:
+            rows[(str(d), str(m))] = ds.pooled.sel(dict(dataset=d, model=m)).values
     df = pd.DataFrame.from_dict(rows, orient="index", columns=[str(v) for v in ds.metric_label.values])
     df.index = pd.MultiIndex.from_tuples(df.index, names=["dataset", "method"]) if len(df) else df.index
     return df
@@ -1046,8 +1059,8 @@ def per_case_frame(ds, metric: str = "auroc"):
     df = pd.DataFrame({k: ds[k].values for k in ("case_dataset", "lesion_kind", "n_lesion_voxels",
                                                   "lesion_volume_ml", "lesion_contrast", "lesion_contrast_hu")},
                       index=pd.Index(ds.case.values, name="case"))
-    for m in ds.method.values:
-        df[str(m)] = ds.per_case.sel(dict(method=m, metric=metric)).values
+    for m in ds.model.values:
+        df[str(m)] = ds.per_case.sel(dict(model=m, metric=metric)).values
     notes = ["; ".join(sorted({str(n) for n in ds.per_case_note.sel(case=c, metric=metric).values if str(n)}))
              for c in ds.case.values]
     df["note"] = notes
@@ -1057,13 +1070,12 @@ def per_case_frame(ds, metric: str = "auroc"):
 def write_report(run_dir: str | Path, ds, figures: Mapping[str, Any] | None = None) -> Path:
     """``<run>/eval/report.html``: tables, figures, parameters, environment -- one self-contained file.
 
-    plotly.js is inlined once (with the first figure), nothing is fetched from
-    the network, so the file opens anywhere, offline.
+    plotly.js is inlined once, gzip-compressed with the figures
+    (:func:`screener_nb.viz.plots.offline_figures_html`); nothing is fetched from the
+    network, so the file opens anywhere, offline.
     """
-    import plotly.graph_objects as go
-    import plotly.offline
-
     from .results import paper_table
+    from .viz import plots
 
     run_dir = Path(run_dir)
     figures = dict(figures or {})
@@ -1091,26 +1103,24 @@ def write_report(run_dir: str | Path, ds, figures: Mapping[str, Any] | None = No
               "(v1 Tables 2 and 3) are for reference only: other data (LIDC, MIDRC, KiTS, LiTS), other scale.</p>",
               _table_html(paper_table(ds), 2)]
     parts += ["<h2>Pooled metrics per dataset</h2>", _table_html(pooled_frame(ds))]
-    notes = [(str(d), str(m), str(k), str(ds.pooled_note.sel(dict(dataset=d, method=m, metric=k)).values))
-             for d in ds.dataset.values for m in ds.method.values for k in ds.metric.values]
+    notes = [(str(d), str(m), str(k), str(ds.pooled_note.sel(dict(dataset=d, model=m, metric=k)).values))
+             for d in ds.dataset.values for m in ds.model.values for k in ds.metric.values]
     notes = [n for n in notes if n[3]]
     if notes:
         parts.append("<p class='note'>Undefined pooled values: " +
                      "; ".join(esc(f"{d}/{m}/{k}: {t}") for d, m, k, t in notes) + "</p>")
-    thr = {str(m): float(ds.threshold.sel(dict(method=m))) for m in ds.method.values}
+    thr = {str(m): float(ds.threshold.sel(dict(model=m))) for m in ds.model.values}
     parts += ["<h2>Dice thresholds (chosen on the validation cases)</h2><ul>"]
-    parts += [f"<li>{esc(m)}: {v:.5g}" + (f" ({esc(str(ds.threshold_note.sel(dict(method=m)).values))})" if not
+    parts += [f"<li>{esc(m)}: {v:.5g}" + (f" ({esc(str(ds.threshold_note.sel(dict(model=m)).values))})" if not
                                            math.isfinite(v) else "") + "</li>" for m, v in thr.items()]
     parts.append("</ul>")
-    first = True
+    # plotly.js and the figures gzip'd (the page stays one offline file, a few MB); the loader
+    # ships plotly.js even without figures, so the page's format does not depend on the results
+    blocks, loader = plots.offline_figures_html(list(figures.values()))
     if figures:
         parts.append("<h2>Figures</h2>")
-    for heading, fig in figures.items():
-        parts.append(f"<h3>{esc(str(heading))}</h3>")
-        parts.append(go.Figure(fig).to_html(full_html=False, include_plotlyjs=first, config={"responsive": True}))
-        first = False
-    if first:  # no figure: still ship plotly.js so the page's format does not depend on the results
-        parts.append(f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script>")
+    for heading, block in zip(figures, blocks):
+        parts += [f"<h3>{esc(str(heading))}</h3>", block]
     parts += ["<h2>Per-case AUROC</h2>", _table_html(per_case_frame(ds))]
     for name, title in (("params.yaml", "Run parameters (params.yaml)"), ("run.json", "Environment and stage timings (run.json)")):
         path = run_dir / name
@@ -1118,7 +1128,7 @@ def write_report(run_dir: str | Path, ds, figures: Mapping[str, Any] | None = No
         parts += [f"<h2>{esc(title)}</h2>", f"<pre>{esc(text)}</pre>"]
     attrs = {k: ds.attrs[k] for k in sorted(ds.attrs)}
     parts += ["<h2>Evaluation attributes</h2>", f"<pre>{esc(json.dumps(attrs, indent=1, default=str))}</pre>",
-              "</body></html>"]
+              loader, "</body></html>"]
     return files.write_text(run_dir / "eval" / "report.html", "\n".join(parts))
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from . import files
 from .distill import STAGE, build_student, centred_start, check_patch, labelled_cases, load_student_unet, student_spec, take_crop
 from .errors import ConfigError, InputError
+from .progress import report
 from .runtime import resolve_device
 from .train import TrainSettings, fit
 
@@ -209,7 +210,7 @@ def finetune_cv(run_dir: str | Path, cases: Sequence, k: int, folds: int, steps:
                 batch: int = 2, lr: float = 1e-3, warmup: int | None = None, lesion_p: float = 0.5,
                 threshold: float = 0.5, overlap: float = 0.5, sw_batch: int = 2, device: str = "auto",
                 checkpoint_every: int | None = None, log_every: int = 5, amp: bool = True,
-                write: bool = True, progress: Callable[[str], None] | None = print) -> dict:
+                write: bool = True, progress: Callable[[str], None] | None = report) -> dict:
     """Low-shot fine-tuning with k-fold cross-validation, for each initialisation.
 
     Args:

@@ -290,9 +290,9 @@ class Screener:
             raise InputError(volume.source, "finite voxel values", f"{int((~np.isfinite(volume.array)).sum())} NaN/inf voxels")
         pre = preprocess(volume, self.params)
         if progress is None:
-            import os
+            from .runtime import headless
 
-            progress = os.environ.get("SCREENER_HEADLESS", "") in ("", "0")
+            progress = not headless()
         score = self.score_preprocessed(pre.image, pre.body, pre.spacing, progress=progress,
                                         source=str(volume.source))
         back = to_original_grid(score, pre.record, fill=float(score.min()), mode="linear")

@@ -1,6 +1,6 @@
 """Evaluation results: save / load ``eval/metrics.nc``, the paper-style table, ``compare``, maps for the viewer.
 
-* :func:`save_results` / :func:`load_results`: the ``xr.Dataset`` of
+* :func:`load` (the reader to use), :func:`save_results` / :func:`load_results`: the ``xr.Dataset`` of
   :mod:`screener_nb.evaluate` (layout in its docstring) as netCDF (h5netcdf
   engine), written atomically; loading checks it is ours.
 * :data:`PAPER_TABLE2`, :data:`PAPER_TABLE3` and :func:`paper_table`: our pooled
@@ -95,7 +95,7 @@ def load_results(run_dir: str | Path):
     """
     import xarray as xr
 
-    from .evaluate import RESULTS_FORMAT
+    from .evaluate import READABLE_FORMATS, RESULTS_FORMAT
 
     p = Path(run_dir)
     if not p.exists():
@@ -112,12 +112,44 @@ def load_results(run_dir: str | Path):
         raise InputError(path, "a netCDF file written by screener_nb's evaluate stage",
                          f"an unreadable file ({type(e).__name__}: {e})") from e
     fmt = ds.attrs.get("format")
+    if fmt in READABLE_FORMATS and fmt != RESULTS_FORMAT and "method" in ds.dims:
+        # format 1 named the methods' dimension ``method``, a keyword of ``.sel``
+        ds = ds.rename({"method": "model"})
+        ds.attrs["format"] = fmt = RESULTS_FORMAT
     missing = [v for v in REQUIRED_VARIABLES if v not in ds.variables]
     if fmt != RESULTS_FORMAT or missing:
         raise InputError(path, f"screener_nb evaluation results (attribute format={RESULTS_FORMAT!r}, variables "
                          f"{', '.join(REQUIRED_VARIABLES)})",
                          f"format={fmt!r}, variables {sorted(map(str, ds.data_vars))}")
     return ds
+
+
+def load(run_dir: str | Path):
+    """The evaluation results of a run as an ``xr.Dataset`` (layout: :mod:`screener_nb.evaluate`).
+
+    ``run_dir`` is a run directory, its ``eval`` folder or the ``metrics.nc`` file itself.
+    The methods are the ``model`` dimension, the metrics the ``metric`` dimension, the
+    pooled groups the ``dataset`` dimension:
+
+    >>> import tempfile, types
+    >>> import numpy as np
+    >>> from screener_nb import evaluate, results
+    >>> body = np.ones((8, 8, 8), bool)
+    >>> label = np.zeros((8, 8, 8), np.uint8); label[2:5, 2:5, 2:5] = 1
+    >>> case = types.SimpleNamespace(id="c0", dataset="phantoms", label=label, body=body,
+    ...                              image=np.zeros((8, 8, 8), np.float32), spacing=(1.0, 1.0, 1.0))
+    >>> ds = evaluate.evaluate_maps({"learned-flow": {"c0": label + 0.1 * np.arange(512).reshape(8, 8, 8) / 512}},
+    ...                             [case], None, [])
+    >>> run = Path(tempfile.mkdtemp())
+    >>> _ = save_results(ds, run / "eval" / "metrics.nc")
+    >>> ds = results.load(run)
+    >>> round(float(ds.pooled.sel(dataset="phantoms", model="learned-flow", metric="auroc")), 6)
+    1.0
+
+    Raises:
+        InputError: as :func:`load_results`.
+    """
+    return load_results(run_dir)
 
 
 def run_summary(ds, main: str = "learned-flow") -> pd.DataFrame:
@@ -129,14 +161,14 @@ def run_summary(ds, main: str = "learned-flow") -> pd.DataFrame:
     """
     from .evaluate import METRICS, metric_labels
 
-    methods = [str(m) for m in ds.method.values]
+    methods = [str(m) for m in ds.model.values]
     if main not in methods:
         raise ConfigError(f"run summary: method {main!r} is not in these results (found {', '.join(methods)})")
     shown = METRICS[:4]
     labels = dict(zip(METRICS, metric_labels(float(ds.attrs.get("max_fpr", 0.3)))))
 
     def value(d, m, k):
-        return float(ds.pooled.loc[{"dataset": d, "method": m, "metric": k}])
+        return float(ds.pooled.loc[{"dataset": d, "model": m, "metric": k}])
 
     rows = {}
     for d in (str(v) for v in ds.dataset.values):
@@ -179,8 +211,8 @@ def paper_table(ds, *, include_paper: bool = True) -> pd.DataFrame:
     order = list(dict.fromkeys(c[0] for c in columns))
     columns = [c for lab in order for c in columns if c[0] == lab]
     rows: dict[tuple[str, str], dict] = {}
-    for m in ds.method.values:
-        rows[(SOURCE_RUN, str(m))] = {(labels[k], str(d)): float(ds.pooled.sel(dict(dataset=d, method=m, metric=k)))
+    for m in ds.model.values:
+        rows[(SOURCE_RUN, str(m))] = {(labels[k], str(d)): float(ds.pooled.sel(dict(dataset=d, model=m, metric=k)))
                                       for k in METRICS for d in ds.dataset.values}
     if include_paper:
         for name, r in PAPER_TABLE2.iterrows():
@@ -213,12 +245,12 @@ def compare_frame(results: dict[str, Any]) -> pd.DataFrame:
     labels = [str(v) for v in first.metric_label.values] if "metric_label" in first.coords else list(METRICS)
     keys: list[tuple[str, str]] = []
     for ds in results.values():
-        keys += [(str(d), str(m)) for d in ds.dataset.values for m in ds.method.values]
+        keys += [(str(d), str(m)) for d in ds.dataset.values for m in ds.model.values]
     keys = list(dict.fromkeys(keys))
 
     def values(ds, d, m):
-        if d in ds.dataset.values and m in ds.method.values:
-            return [float(ds.pooled.sel(dict(dataset=d, method=m, metric=k))) for k in METRICS]
+        if d in ds.dataset.values and m in ds.model.values:
+            return [float(ds.pooled.sel(dict(dataset=d, model=m, metric=k))) for k in METRICS]
         return [math.nan] * len(METRICS)
 
     blocks = {n: np.array([values(ds, d, m) for d, m in keys]).reshape(len(keys), len(METRICS))
@@ -272,7 +304,7 @@ def main_compare(runs: list[str], html: str | None = None) -> int:
     results = {name: load_results(r) for name, r in zip(names, runs)}
     for (name, ds), r in zip(results.items(), runs):
         print(f"{name} = {r}: profile {ds.attrs.get('profile') or '?'}, {ds.sizes['case']} test case(s), "
-              f"methods {', '.join(map(str, ds.method.values))}, evaluated {ds.attrs.get('timestamp', '?')}")
+              f"methods {', '.join(map(str, ds.model.values))}, evaluated {ds.attrs.get('timestamp', '?')}")
     fprs = {n: float(ds.attrs.get("max_fpr", math.nan)) for n, ds in results.items()}
     if len(set(fprs.values())) > 1:
         print(f"note: the runs use different max_fpr ({fprs}); partial metrics are not comparable")
@@ -339,9 +371,9 @@ def load_case_maps(run_dir: str | Path, case_id: str | None = None, methods: str
     thresholds = {}
     try:
         ds = load_results(run)
-        order = [str(m) for m in ds.method.values]
+        order = [str(m) for m in ds.model.values]
         have = [m for m in order if m in have] + [m for m in have if m not in order]
-        thresholds = {str(m): float(ds.threshold.sel(dict(method=m))) for m in ds.method.values}
+        thresholds = {str(m): float(ds.threshold.sel(dict(model=m))) for m in ds.model.values}
     except InputError:
         pass
     if not have:

@@ -24,6 +24,8 @@ from typing import Any, Iterable
 
 from . import config, files
 from .errors import ConfigError, ScreenerError
+from .progress import PROGRESS_ENV, Relay
+from .runtime import HEADLESS_ENV
 
 # Stage -> folder in the run directory holding its DONE marker (None: always run).
 STAGE_DIRS = {
@@ -129,8 +131,14 @@ def ipc_kernel_manager_class():
     return IPCKernelManager
 
 
-def execute_stage(stage: str, run_dir: Path, params: dict[str, Any], *, timeout: int | None = None) -> Path:
-    """Execute one notebook with papermill; return the executed notebook's path."""
+def execute_stage(stage: str, run_dir: Path, params: dict[str, Any], *, timeout: int | None = None,
+                  progress_bar: bool = False) -> Path:
+    """Execute one notebook with papermill; return the executed notebook's path.
+
+    The library's progress lines (training steps with loss and time left, case i/n of the
+    maps) are relayed to this terminal while the notebook runs, indented under the stage's
+    line; ``progress_bar`` adds papermill's bar over the notebook's cells.
+    """
     import jupytext
     import papermill as pm
 
@@ -139,25 +147,30 @@ def execute_stage(stage: str, run_dir: Path, params: dict[str, Any], *, timeout:
     nb.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
     out = run_dir / "notebooks" / f"{src.stem}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
-    # the kernel inherits it (no viewer widgets, sparse progress); this process gets its old value back
-    previous = os.environ.get("SCREENER_HEADLESS")
-    os.environ["SCREENER_HEADLESS"] = "1"
+    # the kernel inherits both (no viewer widgets; progress lines go to the file this process
+    # relays to its terminal); this process gets its old values back
+    progress_file = out.with_suffix(".progress.log")
+    previous = {k: os.environ.get(k) for k in (HEADLESS_ENV, PROGRESS_ENV)}
+    os.environ[HEADLESS_ENV] = "1"
+    os.environ[PROGRESS_ENV] = str(progress_file)
     try:
-        pm.execute_notebook(
-            nb, str(out), parameters=params, kernel_name="python3", cwd=str(src.parent),
-            progress_bar=False, log_output=False, execution_timeout=timeout,
-            kernel_manager_class=ipc_kernel_manager_class(),
-        )
+        with Relay(progress_file, emit=lambda line: print(f"  {line}", flush=True)):
+            pm.execute_notebook(
+                nb, str(out), parameters=params, kernel_name="python3", cwd=str(src.parent),
+                progress_bar=progress_bar, log_output=False, execution_timeout=timeout,
+                kernel_manager_class=ipc_kernel_manager_class(),
+            )
     except pm.PapermillExecutionError as e:
         raise StageFailed(
             f"stage {stage} ({src.name}) failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
             f"  executed notebook with the full traceback: {out}"
         ) from None
     finally:
-        if previous is None:
-            os.environ.pop("SCREENER_HEADLESS", None)
-        else:
-            os.environ["SCREENER_HEADLESS"] = previous
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return out
 
 
@@ -168,6 +181,7 @@ def run(
     stages: str | Iterable[str] | None = None,
     force: str | Iterable[str] | None = None,
     param_file: str | Path | None = None,
+    progress_bar: bool = False,
 ) -> Path:
     """Run the pipeline's notebooks into run directory ``out``; see module docstring."""
     t_run = time.perf_counter()
@@ -218,7 +232,7 @@ def run(
         record["stages"][stage] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         files.write_json(run_dir / "run.json", record)
         try:
-            nb_out = execute_stage(stage, run_dir, stage_values)
+            nb_out = execute_stage(stage, run_dir, stage_values, progress_bar=progress_bar)
         except StageFailed:
             record["stages"][stage]["status"] = "failed"
             files.write_json(run_dir / "run.json", record)
@@ -240,7 +254,7 @@ def print_summary(run_dir: Path, seconds: float) -> None:
         import pandas as pd
 
         ds = load_results(run_dir)
-        if "learned-flow" in [str(m) for m in ds.method.values]:
+        if "learned-flow" in [str(m) for m in ds.model.values]:
             table = run_summary(ds, main="learned-flow")
             # one flat header line: the main method's metrics, then the best other method's
             table.columns = [a if b in ("learned-flow", "") else f"{a} (other)" for a, b in table.columns]

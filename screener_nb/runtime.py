@@ -6,6 +6,7 @@ unchanged on a laptop CPU and on a GPU (``device="auto"``).
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import random
 import resource
@@ -14,6 +15,17 @@ from typing import Iterator
 
 import numpy as np
 import torch
+
+
+HEADLESS_ENV = "SCREENER_HEADLESS"
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+def headless() -> bool:
+    """Is nobody watching this process? True when ``SCREENER_HEADLESS`` is set to anything but
+    an empty string, 0, false, no or off (the runner sets it for the notebooks it executes):
+    then no widgets and no progress bars, plain progress lines instead."""
+    return os.environ.get(HEADLESS_ENV, "").strip().lower() not in _FALSE
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -6,8 +6,9 @@ the rest, identically on a laptop CPU, one GPU, or many under ``torchrun``:
 
 * ``device="auto"``; bf16 autocast on CUDA; AdamW (eps 1e-3, METHOD.md) with
   linear warm-up then cosine decay; gradient-norm clipping;
-* ``tqdm.auto`` progress with the loss in the bar (sparse plain lines when
-  headless, i.e. under papermill / the runner);
+* ``tqdm.auto`` progress with the loss in the bar; headless (under papermill /
+  the runner) one line every ``progress_seconds`` with step, loss, elapsed and
+  time left, through :func:`screener_nb.progress.report` (the runner relays it);
 * a training log (step, loss terms, lr, throughput, memory) saved next to the
   checkpoints and loadable as an ``xarray.Dataset`` (:func:`load_log`);
 * atomic checkpoints every ``checkpoint_every`` steps with model, optimiser,
@@ -36,7 +37,8 @@ from torch import nn
 
 from . import files
 from .errors import ConfigError, InputError
-from .runtime import autocast, resolve_device, step_rng
+from .progress import Throttle, eta_text, report
+from .runtime import autocast, headless, resolve_device, step_rng
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.csv"
@@ -65,6 +67,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     checkpoint_every: int = 2000
     log_every: int = 100
+    progress_seconds: float = 10.0  # headless: seconds between progress lines
     num_workers: int = 0
     seed: int = 0
     device: str = "auto"
@@ -280,10 +283,6 @@ def load_log(out_dir: str | Path):
 # ----------------------------------------------------------------------------- the loop
 
 
-def _headless() -> bool:
-    return os.environ.get("SCREENER_HEADLESS", "") not in ("", "0")
-
-
 def fit(
     model: nn.Module,
     task: TrainTask,
@@ -356,11 +355,13 @@ def fit(
             write_log_rows(log_path, rows)  # after the checkpoint: the log never runs ahead of it
 
     bar = None
-    if dist_info.main and not _headless() and stop > start:
+    if dist_info.main and not headless() and stop > start:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=settings.steps, initial=start, desc=desc, leave=True)
-    plain_every = max(settings.log_every, (stop - start) // 10 or 1)
+    # headless: one line about every progress_seconds (and the last), from the loop's own clock
+    throttle = Throttle(settings.progress_seconds)
+    t_fit = time.perf_counter()
 
     model.train()
     t_last, n_since = time.perf_counter(), 0
@@ -381,6 +382,9 @@ def fit(
         step += 1
         n_since += 1
 
+        if bar is None and dist_info.main and throttle.ready(final=step == stop):
+            report(f"[{desc}] step {step}/{settings.steps} loss {loss.item():.4f} "
+                   f"lr {opt.param_groups[0]['lr']:.2e}, {eta_text(step - start, stop - start, time.perf_counter() - t_fit)}")
         if step % settings.log_every == 0 or step == stop:
             loss_value = loss.detach().float()
             if dist_info.world > 1:
@@ -398,8 +402,6 @@ def fit(
                 rows.append(row)
                 if callback:
                     callback(row)
-                if bar is None and (step % plain_every == 0 or step == stop):
-                    print(f"[{desc}] step {step}/{settings.steps} loss {row['loss']:.4f} lr {row['lr']:.2e}", flush=True)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")

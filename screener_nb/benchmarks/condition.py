@@ -270,6 +270,11 @@ def main(argv=None) -> None:
     ap.add_argument("--flows", action="store_true", help="also fit the flows (minutes each)")
     ap.add_argument("--density-crop", type=int, default=16, help="density training crop side, cells")
     ap.add_argument("--save-maps", default=None, help="folder to save the maps in (npz per group)")
+    ap.add_argument("--post", default="raw", help="comma list of score post-processings, each a table: raw, "
+                    "s<sigma> (Gaussian smoothing inside the body, sigma in cells), scan (each scan's scores "
+                    "standardised by its body cells' median and MAD), or both joined by '+' (s1+scan)")
+    ap.add_argument("--blob", default="", help="comma list of Gaussian sigmas (cells): also score the context's "
+                    "signed residual averaged over that neighbourhood (blob scores)")
     ap.add_argument("--tag", default="", help="a name for this experiment in the log")
     ap.add_argument("--log", default=None)
     args = ap.parse_args(argv)
@@ -398,6 +403,36 @@ def main(argv=None) -> None:
             res = res * torch.exp(-pred[tdim:].clamp(-7, 7))
         return 0.5 * res.sum(0)
 
+    from scipy.ndimage import gaussian_filter
+
+    blob_sigmas = [float(v) for v in args.blob.split(",")] if args.blob else []
+
+    def signed_z(i, b) -> np.ndarray:
+        """(target - c) / predicted sd (or 1) per channel, (C, x, y, z), zero outside the body."""
+        pred = feats[i][f"context{b}"]
+        z = feats[i]["target"] - pred[:tdim]
+        if args.hetero:
+            z = z * torch.exp(-0.5 * pred[tdim:].clamp(-7, 7))
+        return (z * feats[i]["body"]).double().numpy()
+
+    def smoothed_z(i, b, sigma) -> np.ndarray:
+        """The signed standardised residual averaged over a Gaussian neighbourhood inside the body:
+        a compact finding shifts every cell of it the same way and adds up, a thin structure
+        (a vessel, a border) covers a small part of the neighbourhood and is diluted."""
+        z = signed_z(i, b)
+        w = feats[i]["body"].double().numpy()
+        norm = np.maximum(gaussian_filter(w, sigma), 1e-6)
+        return np.stack([gaussian_filter(ch, sigma) / norm for ch in z])
+
+    blob_sd = {}
+    for b in blocks:
+        for sg in blob_sigmas:
+            v = np.concatenate([smoothed_z(i, b, sg)[:, feats[i]["body"].numpy()] for i in train_ids], 1)
+            blob_sd[b, sg] = v.std(1).clip(1e-6)[:, None, None, None]
+
+    def blob(i, b, sg) -> torch.Tensor:
+        return torch.from_numpy(0.5 * ((smoothed_z(i, b, sg) / blob_sd[b, sg]) ** 2).sum(0)).float()
+
     # per-method score statistics on the training cases' body cells: the multi-scale and the
     # joint scores compare standardised scores of models whose NLLs live on different scales
     dens_kind = {(cond, model): name.split("-")[-1] for name, (cond, model) in models.items()}
@@ -405,6 +440,9 @@ def main(argv=None) -> None:
     for b in blocks:
         v = torch.cat([residual(i, b)[feats[i]["body"]] for i in train_ids])
         stats[f"context{b}-residual"] = (float(v.mean()), float(v.std()))
+        for sg in blob_sigmas:
+            v = torch.cat([blob(i, b, sg)[feats[i]["body"]] for i in train_ids])
+            stats[f"context{b}-blob{sg:g}"] = (float(v.mean()), float(v.std()))
     for m, (cond, model) in models.items():
         if "context" not in cond:
             continue
@@ -412,7 +450,27 @@ def main(argv=None) -> None:
             v = torch.cat([cell_scores(i, cond, model)[suffix][feats[i]["body"]] for i in train_ids])
             stats[m + suffix] = (float(v.mean()), float(v.std()))
 
-    def score_maps(ids):
+    def post_process(s: torch.Tensor, body: torch.Tensor, post: str) -> torch.Tensor:
+        """One post-processing of a cell score map (x, y, z) inside the body mask."""
+        from scipy.ndimage import gaussian_filter
+
+        s = s.double().numpy()
+        b = body.numpy().astype(np.float64)
+        for step in post.split("+"):
+            if step == "raw":
+                continue
+            if step.startswith("s") and step != "scan":  # normalised convolution: outside-body cells carry no weight
+                sigma = float(step[1:])
+                s = gaussian_filter(s * b, sigma) / np.maximum(gaussian_filter(b, sigma), 1e-6)
+            elif step == "scan":
+                v = s[b > 0]
+                med = np.median(v)
+                s = (s - med) / max(np.median(np.abs(v - med)), 1e-9)
+            else:
+                raise SystemExit(f"--post: unknown step {step!r} (raw, s<sigma>, scan)")
+        return torch.from_numpy(s).float()
+
+    def score_maps(ids, post="raw"):
         out = {}
         for i in ids:
             c = next(cc for cc in cases if cc.id == i)
@@ -427,13 +485,23 @@ def main(argv=None) -> None:
                 cells[f"context{b}-residual"] = residual(i, b)
                 z = {n: (cells[n] - stats[n][0]) / stats[n][1] for n in (f"context{b}-gaussian", f"context{b}-residual")}
                 cells[f"context{b}-gaussian+residual"] = z[f"context{b}-gaussian"] + z[f"context{b}-residual"]
+                if blob_sigmas:  # blob scores alone, their maximum over scales, and with the density's score
+                    names = [f"context{b}-blob{sg:g}" for sg in blob_sigmas]
+                    for n, sg in zip(names, blob_sigmas):
+                        cells[n] = blob(i, b, sg)
+                    zb = torch.stack([(cells[n] - stats[n][0]) / stats[n][1] for n in names]).amax(0)
+                    cells[f"context{b}-blob-ms"] = zb
+                    for dens in (f"context{b}-gaussian", f"context{b}-gaussian-maha"):
+                        zd = (cells[dens] - stats[dens][0]) / stats[dens][1]
+                        cells[f"{dens}+blob"] = zd + zb
+                        cells[f"{dens}|blob"] = torch.maximum(zd, zb)
             if len(blocks) > 1:
                 for suffix in ("", "-maha"):
                     names = [f"context{b}-gaussian{suffix}" for b in blocks]
                     cells["context-ms-gaussian" + suffix] = torch.stack(
                         [(cells[n] - stats[n][0]) / stats[n][1] for n in names]).amax(0)
             for m, s in cells.items():
-                s = s.clone()
+                s = post_process(s, body, post)
                 s[~body] = s[body].min()
                 out.setdefault(m, {})[i] = upsample_cells(s[None], c.shape, STRIDE)[0].numpy()
         return out
@@ -445,8 +513,10 @@ def main(argv=None) -> None:
                                      and c.label is not None])]
     record = {"tag": args.tag, "date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
               "context_r2": r2, "context_seconds": round(t_ctx, 1), "results": {}}
-    for title, group in groups:
-        maps = score_maps([c.id for c in group])
+    for (title, group), post in ((g, p) for g in groups for p in args.post.split(",")):
+        maps = score_maps([c.id for c in group], post)
+        if post != "raw":
+            title = f"{title} [{post}]"
         if args.save_maps:
             np.savez_compressed(Path(args.save_maps) / f"{title.split()[0]}.npz",
                                 **{f"{m}|{i}": v.astype(np.float16) for m, per in maps.items() for i, v in per.items()})

@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import files
 from ..errors import InputError
+from ..progress import report
 from .cohort import write_case, write_index
 from .preprocess import PreprocessParams, preprocess
 
@@ -85,7 +86,7 @@ def _manifest_cases(cfg: Any):
         yield c.case_id, manifest.role, image, label, []
 
 
-def prepare_data(cfg: Any, *, progress: Callable[[str], None] | None = print) -> dict:
+def prepare_data(cfg: Any, *, progress: Callable[[str], None] | None = report) -> dict:
     """Build ``runs/<run>/data``: preprocessed cases, ``index.json``, ``lesions.json``.
 
     Returns the index (as written). Idempotent: a finished data stage is

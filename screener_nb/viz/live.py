@@ -5,11 +5,7 @@ Interactive sessions see the curve grow; headless runs (papermill, the runner,
 """
 from __future__ import annotations
 
-import os
-
-
-def headless() -> bool:
-    return os.environ.get("SCREENER_HEADLESS", "") not in ("", "0")
+from ..runtime import headless
 
 
 class LiveCurve:

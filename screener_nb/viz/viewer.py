@@ -229,7 +229,9 @@ def network_available(force: bool | None = None, *, timeout: float = 1.5,
 
 
 def _headless_env() -> bool:
-    return os.environ.get("SCREENER_HEADLESS", "").strip().lower() not in ("", *_FALSE)
+    from ..runtime import headless
+
+    return headless()
 
 
 def detect_interactive() -> tuple[bool, str]:

@@ -138,6 +138,7 @@ def test_evaluation_results_and_report(quick_run):
     assert ds.sizes["case"] == 3
     report = (quick_run / "eval" / "report.html").read_text()
     assert "<script src=\"http" not in report and "plotly" in report.lower()
+    assert (quick_run / "eval" / "report.html").stat().st_size < 3_000_000  # compressed plotly.js and figures
     maps = list((quick_run / "eval" / "maps").rglob("*.nii.gz"))
     assert maps
 

@@ -57,7 +57,7 @@ def sk_partial(y, s, max_fpr):
 
 
 def pick(da, **kw):
-    return da.sel(kw)  # dict form: ``method`` is also a keyword of DataArray.sel
+    return da.sel(**kw)
 
 
 def brute_best_threshold(maps, cases):
@@ -81,11 +81,11 @@ def test_perfect_maps_score_one_and_inverted_maps_zero():
     vmaps = {m: {c.id: (c.label * 3.0 if m == "perfect" else -3.0 * c.label) + 0.5 for c in val} for m in maps}
     ds = E.evaluate_maps(maps, cases, vmaps, val)
     for metric in ("auroc", "pauroc", "aupro", "best_dice"):
-        assert np.allclose(pick(ds.per_case, method="perfect", metric=metric), 1.0)
-        assert np.allclose(pick(ds.pooled, method="perfect", metric=metric), 1.0)
+        assert np.allclose(pick(ds.per_case, model="perfect", metric=metric), 1.0)
+        assert np.allclose(pick(ds.pooled, model="perfect", metric=metric), 1.0)
     for metric in ("auroc", "pauroc", "aupro"):
-        assert np.allclose(pick(ds.per_case, method="inverted", metric=metric), 0.0)
-        assert np.allclose(pick(ds.pooled, method="inverted", metric=metric), 0.0)
+        assert np.allclose(pick(ds.per_case, model="inverted", metric=metric), 0.0)
+        assert np.allclose(pick(ds.pooled, model="inverted", metric=metric), 0.0)
     assert (ds.per_case_note.values == "").all() and (ds.pooled_note.values == "").all()
 
 
@@ -96,14 +96,14 @@ def test_per_case_and_pooled_auroc_equal_sklearn():
     ds = E.evaluate_maps(maps, cases, vmaps, val, max_fpr=0.3)
     for c in cases:
         y, s = (c.label > 0)[c.body], maps["m"][c.id][c.body]
-        assert float(pick(ds.per_case, case=c.id, method="m", metric="auroc")) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
-        assert float(pick(ds.per_case, case=c.id, method="m", metric="pauroc")) == pytest.approx(sk_partial(y, s, 0.3), abs=1e-9)
+        assert float(pick(ds.per_case, case=c.id, model="m", metric="auroc")) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert float(pick(ds.per_case, case=c.id, model="m", metric="pauroc")) == pytest.approx(sk_partial(y, s, 0.3), abs=1e-9)
     for d in ("a", "b"):
         group = [c for c in cases if c.dataset == d]
         y = np.concatenate([(c.label > 0)[c.body] for c in group])
         s = np.concatenate([maps["m"][c.id][c.body] for c in group])
-        assert float(pick(ds.pooled, dataset=d, method="m", metric="auroc")) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
-        assert float(pick(ds.pooled, dataset=d, method="m", metric="pauroc")) == pytest.approx(sk_partial(y, s, 0.3), abs=1e-9)
+        assert float(pick(ds.pooled, dataset=d, model="m", metric="auroc")) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert float(pick(ds.pooled, dataset=d, model="m", metric="pauroc")) == pytest.approx(sk_partial(y, s, 0.3), abs=1e-9)
         assert int(ds.n_cases.sel(dataset=d)) == 2
     # pooled is not the mean of the per-case values (different cases weigh by their voxels)
     assert list(ds.case_dataset.values) == ["a", "a", "b", "b"]
@@ -131,7 +131,7 @@ def test_pooled_aupro_counts_each_region_once_brute_force():
             area += (x1 - x0) * (y0 + y1) / 2
         else:
             area += (0.3 - x0) * (y0 + (y0 + (y1 - y0) * (0.3 - x0) / (x1 - x0))) / 2
-    assert float(pick(ds.pooled, dataset="a", method="m", metric="aupro")) == pytest.approx(area / 0.3, abs=1e-9)
+    assert float(pick(ds.pooled, dataset="a", model="m", metric="aupro")) == pytest.approx(area / 0.3, abs=1e-9)
 
 
 def test_dice_threshold_comes_from_validation_cases_only():
@@ -142,18 +142,18 @@ def test_dice_threshold_comes_from_validation_cases_only():
     for shift in (-5.0, 0.0, 5.0):  # test scores far below / at / far above the validation scores
         maps = {"m": {c.id: noisy_map(c, i, signal=2.0) + shift for i, c in enumerate(cases)}}
         ds = E.evaluate_maps(maps, cases, vmaps, val)
-        thr = float(pick(ds.threshold, method="m"))
+        thr = float(pick(ds.threshold, model="m"))
         assert thr == pytest.approx(expected, abs=1e-6)  # the test cases never move it
         for c in cases:
             pred = (maps["m"][c.id] >= thr) & c.body
             y = (c.label > 0) & c.body
             hand = 2 * np.sum(pred & y) / (pred.sum() + y.sum())
-            assert float(pick(ds.per_case, case=c.id, method="m", metric="dice")) == pytest.approx(hand)
+            assert float(pick(ds.per_case, case=c.id, model="m", metric="dice")) == pytest.approx(hand)
         results.append(ds)
     # the ranking metrics do not change with a constant shift; Dice does (the threshold is fixed)
     a = pick(results[0].per_case, metric="auroc").values
     assert np.allclose(a, pick(results[2].per_case, metric="auroc").values)
-    assert float(pick(results[0].pooled, dataset="a", method="m", metric="dice")) == 0.0  # nothing above thr
+    assert float(pick(results[0].pooled, dataset="a", model="m", metric="dice")) == 0.0  # nothing above thr
     # best Dice is an upper bound: never below the validation-threshold Dice
     for ds in results:
         assert (pick(ds.per_case, metric="best_dice").values >= pick(ds.per_case, metric="dice").values - 1e-12).all()
@@ -165,7 +165,7 @@ def test_normal_percentile_rule_uses_the_validation_normals():
     maps = {"m": {c.id: noisy_map(c, i) for i, c in enumerate(cases)}}
     ds = E.evaluate_maps(maps, cases, vmaps, val, threshold_rule="normal_percentile")
     normals = np.concatenate([vmaps["m"][c.id][c.body & (c.label == 0)] for c in val])
-    assert float(pick(ds.threshold, method="m")) == pytest.approx(np.percentile(normals, 99.5))
+    assert float(pick(ds.threshold, model="m")) == pytest.approx(np.percentile(normals, 99.5))
     assert ds.attrs["threshold_rule"] == "normal_percentile"
 
 
@@ -178,16 +178,16 @@ def test_undefined_auroc_is_nan_with_a_reason_not_half():
     vmaps = {"m": {c.id: noisy_map(c, 10 + i) for i, c in enumerate(val)}}
     ds = E.evaluate_maps(maps, allc, vmaps, val)
     for metric in ("auroc", "pauroc", "aupro", "best_dice"):
-        assert np.isnan(float(pick(ds.per_case, case="empty", method="m", metric=metric)))
-        assert "no lesion voxel" in str(pick(ds.per_case_note, case="empty", method="m", metric=metric).values)
-        assert np.isnan(float(pick(ds.per_case, case="nolabel", method="m", metric=metric)))
-        assert "no label" in str(pick(ds.per_case_note, case="nolabel", method="m", metric=metric).values)
+        assert np.isnan(float(pick(ds.per_case, case="empty", model="m", metric=metric)))
+        assert "no lesion voxel" in str(pick(ds.per_case_note, case="empty", model="m", metric=metric).values)
+        assert np.isnan(float(pick(ds.per_case, case="nolabel", model="m", metric=metric)))
+        assert "no label" in str(pick(ds.per_case_note, case="nolabel", model="m", metric=metric).values)
     # the empty case's normal voxels still count in the pooled ROC (its label says: no lesion); the
     # unlabelled one does not (unknown content)
     group = [c for c in cases if c.dataset == "a"] + [empty]
     y = np.concatenate([(c.label > 0)[c.body] for c in group])
     s = np.concatenate([maps["m"][c.id][c.body] for c in group])
-    assert float(pick(ds.pooled, dataset="a", method="m", metric="auroc")) == pytest.approx(roc_auc_score(y, s))
+    assert float(pick(ds.pooled, dataset="a", model="m", metric="auroc")) == pytest.approx(roc_auc_score(y, s))
     assert int(ds.n_cases.sel(dataset="a")) == 3
 
 
@@ -195,11 +195,11 @@ def test_no_validation_case_leaves_dice_undefined_with_reason():
     cases, _ = cohort()
     maps = {"m": {c.id: noisy_map(c, i) for i, c in enumerate(cases)}}
     ds = E.evaluate_maps(maps, cases, {}, [])
-    assert np.isnan(float(pick(ds.threshold, method="m")))
-    assert "no labelled validation case" in str(pick(ds.threshold_note, method="m").values)
-    assert np.isnan(pick(ds.per_case, method="m", metric="dice").values).all()
-    assert np.isfinite(pick(ds.per_case, method="m", metric="auroc").values).all()
-    assert np.isnan(pick(ds.pooled, method="m", metric="dice").values).all()
+    assert np.isnan(float(pick(ds.threshold, model="m")))
+    assert "no labelled validation case" in str(pick(ds.threshold_note, model="m").values)
+    assert np.isnan(pick(ds.per_case, model="m", metric="dice").values).all()
+    assert np.isfinite(pick(ds.per_case, model="m", metric="auroc").values).all()
+    assert np.isnan(pick(ds.pooled, model="m", metric="dice").values).all()
 
 
 def test_bad_maps_are_refused_with_the_case_named():
@@ -308,8 +308,8 @@ def test_report_is_self_contained_html(tmp_path):
     parser.feed(text)
     assert parser.tags[:1] == ["html"] and "table" in parser.tags
     assert all("src" not in s for s in parser.scripts)  # every script inline
-    assert "plotly.js v" in text or "Plotly.newPlot" in text  # the library itself is in the page
-    assert text.count("Plotly.newPlot") >= len(figs)
+    assert 'id="screener-plotlyjs"' in text and "Plotly.newPlot" in text  # the library itself is in the page
+    assert text.count("data-screener-figure=") == len(figs)
     assert "upper bound" in text and "profile: quick" in text and "3.x" in text
     assert "LIDC" in text  # the paper's numbers alongside
 
@@ -359,14 +359,14 @@ def test_run_evaluation_writes_maps_metrics_and_report(zrun):
     lines = []
     ds = E.run_evaluation(cfg, progress=lines.append, keep_cache=True)
     test = load_cohort(zrun, role="test")
-    assert ds.sizes["case"] == len(test) == 2 and list(ds.method.values) == ["zscore"]
+    assert ds.sizes["case"] == len(test) == 2 and list(ds.model.values) == ["zscore"]
     back = load_results(zrun)
     xr.testing.assert_identical(back, ds)
     base = E.zscore_baseline(load_cohort(zrun, role="train"))
     for c in test:
         m = base.score_preprocessed(c.image, c.body, c.spacing)
         auroc = roc_auc_score((c.label > 0)[c.body], m[c.body])
-        assert float(pick(ds.per_case, case=c.id, method="zscore", metric="auroc")) == pytest.approx(auroc)
+        assert float(pick(ds.per_case, case=c.id, model="zscore", metric="auroc")) == pytest.approx(auroc)
         img = nib.load(zrun / "eval" / "maps" / "zscore" / f"{c.id}.nii.gz")
         assert img.shape == tuple(c.record["original_shape"])
         assert np.allclose(img.affine, np.asarray(c.record["original_affine"]))
@@ -512,7 +512,7 @@ def test_stage_on_a_tiny_real_run(tmp_path):
 
     cfg = config.resolve("evaluate", run_dir=str(run), device="cpu")
     ds = E.run_evaluation(cfg, progress=None)
-    assert list(ds.method.values) == ["none-gaussian", "none-flow", "sincos-gaussian", "sincos-flow",
+    assert list(ds.model.values) == ["none-gaussian", "none-flow", "sincos-gaussian", "sincos-flow",
                                       "learned-gaussian", "learned-flow", "zscore"]
     test = load_cohort(run, role="test")
     assert ds.sizes["case"] == len(test) == 2 and set(ds.case_dataset.values) == {"phantoms"}
@@ -530,7 +530,7 @@ def test_stage_on_a_tiny_real_run(tmp_path):
         np.testing.assert_allclose(np.asarray(stored.dataobj), user.map.array, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(stored.affine, originals[c.id].affine)
         y, s = (np.asarray(c.label) > 0)[np.asarray(c.body)], user.preprocessed_map[np.asarray(c.body)]
-        assert float(pick(ds.per_case, case=c.id, method=method, metric="auroc")) == pytest.approx(roc_auc_score(y, s))
+        assert float(pick(ds.per_case, case=c.id, model=method, metric="auroc")) == pytest.approx(roc_auc_score(y, s))
     loaded = load_case_maps(run)
-    assert loaded.id == test[0].id and list(loaded.anomaly_maps) == list(ds.method.values)
+    assert loaded.id == test[0].id and list(loaded.anomaly_maps) == list(ds.model.values)
     assert (run / "eval" / "report.html").stat().st_size > 1_000_000  # plotly.js inlined

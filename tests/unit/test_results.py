@@ -45,7 +45,7 @@ def fake_results(values: dict[tuple[str, str], list[float]], max_fpr=0.3, run="r
     ds = ds.drop_vars(["pooled", "pooled_note", "n_cases", "roc_fpr", "roc_tpr", "pro_fpr", "pro_overlap", "dataset"],
                       errors="ignore")
     ds = ds.assign_coords(dataset=np.asarray(datasets, dtype=object))
-    ds["pooled"] = (("dataset", "method", "metric"), pooled)
+    ds["pooled"] = (("dataset", "model", "metric"), pooled)
     ds["n_cases"] = (("dataset",), np.ones(len(datasets), np.int64))
     return ds
 
@@ -160,6 +160,30 @@ def test_load_results_accepts_run_eval_folder_or_file(tmp_path):
     run = write_run(tmp_path, "a", ds)
     for p in (run, run / "eval", run / "eval" / "metrics.nc"):
         xr.testing.assert_identical(R.load_results(p), ds)
+
+
+def test_load_selects_by_keyword_and_reads_format_one_files(tmp_path):
+    ds = fake_results({("p", "learned-flow"): [0.9, 0.7, 0.6, 0.3, 0.5], ("p", "zscore"): [0.6, 0.2, 0.1, 0.1, 0.2]})
+    run = write_run(tmp_path, "new", ds)
+    assert float(R.load(run).pooled.sel(dataset="p", model="zscore", metric="aupro")) == 0.1
+    # a file of format 1, as the evaluate stage wrote it before: the dimension is ``method``
+    old = ds.rename({"model": "method"})
+    old.attrs["format"] = "screener_nb.evaluation/1"
+    run = write_run(tmp_path, "old", old)
+    loaded = R.load(run)
+    assert "method" not in loaded.dims and list(loaded.model.values) == ["learned-flow", "zscore"]
+    xr.testing.assert_identical(loaded, ds)
+
+
+def test_the_docstring_example_of_load_runs():
+    import doctest
+
+    found = doctest.DocTestFinder().find(R.load, "load", globs=vars(R).copy())
+    runner = doctest.DocTestRunner()
+    for test in found:
+        runner.run(test)
+    assert runner.summarize(verbose=False).attempted >= 8
+    assert runner.summarize(verbose=False).failed == 0
 
 
 # ----------------------------------------------------------------------------- compare

@@ -147,3 +147,18 @@ def test_stage_kernels_use_ipc_sockets_and_leave_nothing_behind(nbdir, tmp_path,
     assert "without encryption" not in err
     assert "Kernel is running over TCP" not in err
     assert list((tmp_path / "tmp").glob("screener-kernel-*")) == []
+
+
+def test_progress_lines_of_a_stage_reach_the_runner_terminal(nbdir, tmp_path, capfd):
+    """What the library reports inside the kernel (training steps, case i/n) is relayed to the
+    runner's own output, indented under the stage, before the stage's closing line."""
+    text = stand_in("data", "data").replace(
+        "count = Path", "from screener_nb.progress import report\n"
+        "import time\nfor i in range(3):\n    report(f'[data] case {i + 1}/3'); time.sleep(0.2)\ncount = Path")
+    (nbdir / f"{config.NOTEBOOKS['data']}.py").write_text(text)
+    run(tmp_path / "run", "quick", stages="01")
+    out = capfd.readouterr().out.splitlines()
+    start = out.index(next(ln for ln in out if ln.startswith("[run] data: executing")))
+    end = out.index(next(ln for ln in out if ln.startswith("[run] data: done in")))
+    assert out[start + 1:end] == ["  [data] case 1/3", "  [data] case 2/3", "  [data] case 3/3"]
+    assert "SCREENER_PROGRESS_FILE" not in os.environ and "SCREENER_HEADLESS" not in os.environ

@@ -450,18 +450,36 @@ def test_roc_and_pro_legend_areas():
     assert "AUPRO@0.3=0.150" in fig.data[0].name
 
 
+def embedded_blobs(text):
+    """``{script id: decompressed text}`` of every gzip'd base64 block of a page, decoded here
+    with the standard library (the browser does it with DecompressionStream)."""
+    import base64
+    import gzip
+
+    found = re.findall(r'<script type="application/octet-stream" id="([^"]+)"[^>]*>([^<]*)</script>', text)
+    return {i: gzip.decompress(base64.b64decode(b)).decode("utf-8") for i, b in found}
+
+
 def test_to_html_is_self_contained(tmp_path):
+    import base64
+    import json
+
     from plotly.offline import get_plotlyjs
 
-    f1 = go.Figure(go.Scatter(x=[1, 2, 3], y=[4.25, 5.5, 6.75], name="unique-trace-name"))
+    f1 = go.Figure(go.Scatter(x=np.array([1.0, 2.0, 3.0]), y=np.array([4.25, 5.5, 6.75]), name="unique-trace-name"))
     f2 = go.Figure(go.Bar(x=["a"], y=[1], name="second-figure"))
     out = plots.to_html({"first": f1, "second <b>": f2}, tmp_path / "r.html", title="Report")
     text = out.read_text()
-    js = get_plotlyjs()
-    assert js[:300] in text and text.count(js[:300]) == 1  # plotly.js embedded exactly once
+    blobs = embedded_blobs(text)
+    assert blobs.pop("screener-plotlyjs") == get_plotlyjs()  # plotly.js embedded exactly once, whole
     assert not re.search(r"<script[^>]*src=[\"']?https?:", text)
-    assert "unique-trace-name" in text and "second-figure" in text and "4.25" in text
+    figs = [json.loads(blobs[k]) for k in sorted(blobs)]
+    assert [f["data"][0]["name"] for f in figs] == ["unique-trace-name", "second-figure"]
+    y = figs[0]["data"][0]["y"]  # stored as float32: the values survive exactly here
+    assert y["dtype"] == "f4" and np.frombuffer(base64.b64decode(y["bdata"]), np.float32).tolist() == [4.25, 5.5, 6.75]
+    assert text.count('data-screener-figure="screener-figure-') == 2
     assert "second &lt;b&gt;" in text and "<title>Report</title>" in text
+    assert out.stat().st_size < 0.5 * len(get_plotlyjs())  # compressed
 
 
 def test_save_png_falls_back_to_html(tmp_path, monkeypatch):
