@@ -40,6 +40,7 @@ dataset = None  # cohort: phantoms, samples, manifest names, joined with + (None
 n_train = None  # healthy phantom cases for training (None: profile default)
 n_val = None  # phantom cases with lesions used to choose thresholds
 n_test = None  # phantom cases with lesions for evaluation
+n_calib = None  # healthy phantoms held out to calibrate label-free thresholds
 phantom_shape = None  # phantom grid (X, Y, Z) voxels
 phantom_spacing = None  # phantom voxel size (mm)
 target_spacing = None  # preprocessed voxel size (mm), paper (1.5, 1.5, 2.25)
@@ -55,7 +56,8 @@ print(config.as_dict(cfg))
 # %% [markdown]
 # ## Build the cohort
 # Phantoms: healthy torsos for training, lesion cases (exact masks) for validation
-# and test. Real sample CTs (if `make data-samples` fetched them) join as extra cases.
+# and test, and a few more healthy torsos held out to calibrate label-free
+# thresholds (notebook 06). Real sample CTs (if `make data-samples` fetched them) join as extra cases.
 
 # %% papermill_description=build-cohort
 import pandas as pd

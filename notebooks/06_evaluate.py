@@ -17,8 +17,10 @@
 # **What you learn:** how unsupervised pathology segmentation is scored, and why
 # each number is computed the way it is: voxel AUROC, the partial AUROC up to a
 # false-positive rate of 0.3 (normalised the paper's way, not sklearn's), AUPRO
-# (every lesion counts once, whatever its size), and Dice at a threshold chosen
-# on **validation** cases -- never on the case being scored. You then evaluate
+# (every lesion counts once, whatever its size), Dice at a threshold chosen
+# on **validation** cases -- never on the case being scored --, lesion-level
+# detection as a radiologist counts it (FROC), and thresholds calibrated on
+# healthy scans without any label. You then evaluate
 # every method this run trained (three conditions x two densities, the raw
 # intensity baseline and the distilled student) and read the results in the
 # layout of the paper's Tables 2-3, with the paper's numbers alongside.
@@ -40,6 +42,8 @@ methods = None  # all, or a comma list of: none-gaussian, ..., learned-flow, zsc
 overlap = None  # sliding-window overlap (paper 0.5)
 sw_batch = None  # windows per forward pass
 max_fpr = None  # FPR limit of the partial AUROC and AUPRO (paper 0.3)
+froc_min_region_ml = None  # FROC: smallest detected region counted (ml)
+calibration_rate = None  # label-free threshold: fraction of healthy body voxels it flags
 
 # %%
 from screener_nb import config
@@ -161,6 +165,43 @@ scatter_figure(ds, "lesion_volume_ml").show()
 scatter_figure(ds, contrast_coordinate(ds)).show()
 
 # %% [markdown]
+# ## Lesions as a radiologist counts them: FROC
+# Voxel metrics weigh a large consolidation more than ten small nodules. A reader
+# counts lesions: how many are found, at the price of how many false alarms per
+# scan? Threshold the map, keep the connected regions of at least
+# `froc_min_region_ml`, and call a lesion **hit** when a region overlaps it (a
+# region spread over the whole body touches every lesion but points at none: at
+# least 2 % of a hitting region must be lesion). Every other region is a false
+# positive. Sweeping the threshold (over quantiles of the *validation* maps)
+# gives the FROC curve; the table reads it at 1/8 ... 8 false positives per scan
+# and averages those seven sensitivities (LUNA16's CPM).
+
+# %%
+from screener_nb.evaluate import froc_figures, froc_frame
+
+for fig in froc_figures(ds).values():
+    fig.show()
+froc_frame(ds).round(3)
+
+# %% [markdown]
+# ## Thresholds without labels
+# The Dice threshold above was chosen on labelled validation cases; a hospital
+# deploying the model may have none. A threshold can instead be **calibrated on
+# healthy scans alone**: the score that a fraction `calibration_rate` of their
+# body voxels reach, so that the threshold means "about 0.1 % of healthy tissue
+# is flagged". The run holds out a few healthy scans for it (the data stage's
+# `n_calib`), never used in training. Below, both thresholds side by side: the
+# Dice, the share of lesions hit, the false-positive regions per scan, and the
+# share of the test cases' normal voxels flagged (a check of the calibration on
+# tissue it has not seen).
+
+# %%
+from screener_nb.evaluate import operating_frame
+
+print(f"{int(ds.attrs['n_calib_cases'])} healthy calibration scan(s), rate {ds.attrs['calibration_rate']:g}")
+operating_frame(ds).round(4)
+
+# %% [markdown]
 # ## A gallery of lesions
 # An axial slice through the centre of each lesion (largest first), the ground
 # truth outlined in green and the best method's map coloured where it is above
@@ -189,7 +230,8 @@ per_case_frame(ds).round(3)
 # %% [markdown]
 # ## The report
 # `eval/report.html` holds all of the above plus the run's parameters and
-# environment, in one file that opens without network (plotly is embedded).
+# environment, in one file that opens without network (plotly.js and the
+# figures are embedded, gzip-compressed: a few MB).
 # Two runs side by side: `python -m screener_nb compare runs/a runs/b --html cmp.html`.
 
 # %%

@@ -102,6 +102,7 @@ STAGES: dict[str, dict] = {
             "n_train": _p(int, _prof(4, 16, 0), "phantom training cases (healthy)"),
             "n_test": _p(int, _prof(3, 6, 0), "phantom evaluation cases (with lesions)"),
             "n_val": _p(int, _prof(1, 2, 0), "phantom validation cases (with lesions; thresholds are chosen on them)"),
+            "n_calib": _p(int, _prof(1, 3, 0), "held-out healthy phantoms (label-free thresholds are calibrated on them)"),
             "phantom_shape": _p(tuple, _prof((96, 96, 80), (128, 128, 100), (160, 160, 128)), "phantom grid (X, Y, Z) voxels"),
             "phantom_spacing": _p(tuple, (2.0, 2.0, 2.5), "phantom voxel size (mm)"),
             "target_spacing": _p(tuple, (1.5, 1.5, 2.25), "preprocessed voxel size (mm)"),
@@ -190,6 +191,8 @@ STAGES: dict[str, dict] = {
             "overlap": _p(float, _prof(0.25, 0.25, 0.5), "sliding-window overlap (0.5: the paper's; 0.25: 3.4x fewer windows on CPU)"),
             "sw_batch": _p(int, _prof(2, 2, 8), "windows per forward pass"),
             "max_fpr": _p(float, 0.3, "FPR limit of the partial AUROC and AUPRO"),
+            "froc_min_region_ml": _p(float, 0.1, "FROC: smallest detected region counted (ml)"),
+            "calibration_rate": _p(float, 1e-3, "label-free threshold: fraction of healthy body voxels it flags"),
         },
     },
     "explore": {

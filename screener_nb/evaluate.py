@@ -101,6 +101,14 @@ RESULTS_FORMAT = "screener_nb.evaluation/2"
 READABLE_FORMATS = ("screener_nb.evaluation/1", RESULTS_FORMAT)
 BASELINES = ("zscore",)
 CURVE_POINTS = 1000
+#: FROC: thresholds per method (quantiles of its validation maps), smallest region counted (ml)
+FROC_THRESHOLDS = 24
+FROC_MIN_REGION_ML = 0.1
+#: label-free threshold: the fraction of healthy body voxels it flags
+CALIBRATION_RATE = 1e-3
+#: the two thresholds the results report Dice and lesion-level detection at
+OPERATING_POINTS = ("validation", "calibrated")
+OPERATING_METRICS = ("dice", "lesion_sensitivity", "fp_per_scan", "normal_flagged")
 #: coordinates along ``case`` and their dtypes (object = str)
 CASE_COORDS = {"case_dataset": object, "lesion_kind": object, "lesion_volume_ml": np.float64,
                "lesion_contrast": np.float64, "lesion_contrast_hu": np.float64, "n_lesion_voxels": np.int64}
@@ -289,7 +297,8 @@ class Evaluation:
     def __init__(self, methods: Sequence[str], cases: Sequence[Any], lesions: Mapping[str, Any] | None = None, *,
                  max_fpr: float = 0.3, threshold_rule: str = "dice", percentile: float = 99.5,
                  connectivity: int = 26, spill_dir: str | Path | None = None, curve_points: int = CURVE_POINTS,
-                 shell_voxels: int = 2):
+                 shell_voxels: int = 2, froc_min_region_ml: float = FROC_MIN_REGION_ML,
+                 calibration_rate: float = CALIBRATION_RATE):
         from .metrics import _check_max_fpr
 
         self.max_fpr = _check_max_fpr(max_fpr)
@@ -316,6 +325,17 @@ class Evaluation:
         self._acc: dict[tuple[str, str], Any] = {}
         self._added: set[tuple[str, str]] = set()
         self.n_val_cases = 0
+        # lesion-level detection and label-free thresholds
+        if not 0.0 < float(calibration_rate) < 1.0:
+            raise ConfigError(f"calibration_rate: expected a fraction in (0, 1), found {calibration_rate!r}")
+        self.froc_min_region_ml, self.calibration_rate = float(froc_min_region_ml), float(calibration_rate)
+        self.froc_grid: dict[str, np.ndarray] = {}
+        self._froc: dict[tuple[str, str], Any] = {}
+        self.calibrated = {m: math.nan for m in self.methods}
+        self.calibrated_notes = {m: "no healthy calibration case (call set_calibration)" for m in self.methods}
+        # (dataset, method, operating point) -> voxel counts: tp, predicted, lesion, flagged normal, normal
+        self._op_counts: dict[tuple[str, str, str], np.ndarray] = {}
+        self.n_calib_cases = 0
 
     # -- thresholds
     def set_threshold(self, method: str, val_maps: Sequence[Any], val_cases: Sequence[Any]) -> float:
@@ -330,6 +350,10 @@ class Evaluation:
         self.n_val_cases = max(self.n_val_cases, len(val_cases))
         value, note = math.nan, ""
         rois = [np.asarray(c.body, dtype=bool) for c in val_cases]
+        if val_maps:  # the FROC's thresholds: quantiles of the validation maps, never the test maps
+            from .metrics import PooledFROC
+
+            self.froc_grid[method] = PooledFROC.quantile_thresholds(val_maps, rois, n=FROC_THRESHOLDS)
         if self.threshold_rule == "dice":
             keep = [i for i, c in enumerate(val_cases) if c.label is not None]
             if not keep:
@@ -371,6 +395,41 @@ class Evaluation:
             self._acc[(d, method)] = PooledMetrics(
                 connectivity=self.connectivity, dice_threshold=value if math.isfinite(value) else None,
                 spill_dir=self.spill_dir)
+
+    def set_calibration(self, method: str, healthy_maps: Sequence[Any], healthy_cases: Sequence[Any]) -> float:
+        """The label-free threshold of ``method``: the score that flags ``calibration_rate`` of the
+        body voxels of held-out healthy scans (pooled); return it (NaN with a note when there are none).
+
+        Such a threshold needs no labelled case: "about 0.1 % of healthy tissue is flagged".
+        """
+        from .metrics import calibrate_threshold
+
+        self._check_method(method)
+        if any(m == method for m, _ in self._added):
+            raise ConfigError(f"calibration of {method}: set it before adding that method's test maps")
+        healthy_maps, healthy_cases = list(healthy_maps), list(healthy_cases)
+        self.n_calib_cases = max(self.n_calib_cases, len(healthy_cases))
+        if not healthy_cases:
+            self.calibrated[method] = math.nan
+            self.calibrated_notes[method] = "no healthy calibration case in the cohort (data stage: n_calib)"
+            return math.nan
+        value = calibrate_threshold(healthy_maps, [np.asarray(c.body, bool) for c in healthy_cases],
+                                    self.calibration_rate, unit="voxel")
+        self.calibrated[method], self.calibrated_notes[method] = float(value), ""
+        return float(value)
+
+    def _froc_for(self, dataset: str, method: str):
+        """The dataset's FROC accumulator of ``method``, made at its first test case: its thresholds
+        are the validation grid plus the two operating points (Dice threshold, calibrated one)."""
+        from .metrics import PooledFROC
+
+        key = (dataset, method)
+        if key not in self._froc:
+            points = [v for v in (self.thresholds[method], self.calibrated[method]) if math.isfinite(v)]
+            grid = np.concatenate([self.froc_grid.get(method, np.empty(0)), points])
+            self._froc[key] = (PooledFROC(grid, min_region_ml=self.froc_min_region_ml,
+                                          connectivity=self.connectivity) if grid.size else None)
+        return self._froc[key]
 
     # -- test cases
     def add(self, method: str, case: Any, map_: Any) -> None:
@@ -422,6 +481,15 @@ class Evaluation:
         else:
             note[3] = f"no validation threshold ({self.threshold_notes[method]})"
         self._acc[(str(case.dataset), method)].update(scores, lab, body, name=cid)
+        froc = self._froc_for(str(case.dataset), method)
+        if froc is not None:
+            froc.update(scores, lab, body, spacing=tuple(case.spacing), name=cid)
+        for point, thr in zip(OPERATING_POINTS, (self.thresholds[method], self.calibrated[method])):
+            if math.isfinite(thr):
+                pred = (scores >= thr) & body
+                tp, n_pred = int(np.count_nonzero(pred & lab)), int(np.count_nonzero(pred))
+                counts = self._op_counts.setdefault((str(case.dataset), method, point), np.zeros(5, np.int64))
+                counts += (tp, n_pred, n_pos, n_pred - tp, n_neg)
         self._added.add((cid, method))
 
     # -- results
@@ -463,6 +531,37 @@ class Evaluation:
                     curves[kx][a, b, : x.size], curves[ky][a, b, : y.size] = x, y
         self._acc.clear()  # removes spilled files
 
+        from .metrics import FROC_FP_RATES
+
+        froc_points = max([f.thresholds.size for f in self._froc.values() if f is not None] or [1])
+        froc_at = np.full((nd, nm, len(FROC_FP_RATES)), np.nan)
+        froc_cpm = np.full((nd, nm), np.nan)
+        froc_curve = {k: np.full((nd, nm, froc_points), np.nan) for k in ("froc_threshold", "froc_fp_per_scan",
+                                                                           "froc_sensitivity_curve")}
+        operating = np.full((nd, nm, len(OPERATING_POINTS), len(OPERATING_METRICS)), np.nan)
+        for a, d in enumerate(self.datasets):
+            for b, m in enumerate(self.methods):
+                froc = self._froc.get((d, m))
+                r = None
+                if froc is not None and froc.n_lesions:
+                    r = froc.compute(FROC_FP_RATES)
+                    froc_at[a, b], froc_cpm[a, b] = r.sensitivity, r.cpm
+                    n = r.thresholds.size
+                    froc_curve["froc_threshold"][a, b, :n] = r.thresholds
+                    froc_curve["froc_fp_per_scan"][a, b, :n] = r.curve_fp_per_scan
+                    froc_curve["froc_sensitivity_curve"][a, b, :n] = r.curve_sensitivity
+                for p, (point, thr) in enumerate(zip(OPERATING_POINTS, (self.thresholds[m], self.calibrated[m]))):
+                    counts = self._op_counts.get((d, m, point))
+                    if counts is None:
+                        continue
+                    tp, n_pred, n_pos, flagged, n_neg = (int(v) for v in counts)
+                    operating[a, b, p, 0] = 2 * tp / (n_pos + n_pred) if n_pos + n_pred else np.nan
+                    operating[a, b, p, 3] = flagged / n_neg if n_neg else np.nan
+                    if r is not None:  # the threshold is one of the FROC's own
+                        k = int(np.argmin(np.abs(r.thresholds - thr)))
+                        operating[a, b, p, 1], operating[a, b, p, 2] = r.curve_sensitivity[k], r.curve_fp_per_scan[k]
+        self._froc.clear()
+
         case_coords = {}
         for k, dtype in CASE_COORDS.items():
             case_coords[k] = ("case", np.asarray([self.coords[c][k] for c in self.case_ids], dtype=dtype))
@@ -476,6 +575,13 @@ class Evaluation:
                 "threshold_note": (("model",), np.array([self.threshold_notes[m] for m in self.methods], object)),
                 "n_cases": (("dataset",), n_cases),
                 **{k: (("dataset", "model", "curve_point"), v) for k, v in curves.items()},
+                "froc_sensitivity": (("dataset", "model", "fp_rate"), froc_at),
+                "froc_cpm": (("dataset", "model"), froc_cpm),
+                **{k: (("dataset", "model", "froc_point"), v) for k, v in froc_curve.items()},
+                "calibrated_threshold": (("model",), np.array([self.calibrated[m] for m in self.methods], float)),
+                "calibrated_threshold_note": (("model",), np.array([self.calibrated_notes[m] for m in self.methods],
+                                                                   object)),
+                "operating": (("dataset", "model", "operating_point", "operating_metric"), operating),
             },
             coords={
                 "case": np.asarray(self.case_ids, dtype=object),
@@ -483,6 +589,9 @@ class Evaluation:
                 "metric": np.asarray(METRICS, dtype=object),
                 "dataset": np.asarray(self.datasets, dtype=object),
                 "metric_label": ("metric", np.asarray(metric_labels(self.max_fpr), dtype=object)),
+                "fp_rate": np.asarray(FROC_FP_RATES, float),
+                "operating_point": np.asarray(OPERATING_POINTS, dtype=object),
+                "operating_metric": np.asarray(OPERATING_METRICS, dtype=object),
                 **case_coords,
             },
         )
@@ -490,6 +599,15 @@ class Evaluation:
         ds["pooled"].attrs["description"] = ("metrics pooled over all voxels/regions of the dataset's labelled "
                                              "test cases (the paper's per-dataset numbers)")
         ds["threshold"].attrs["description"] = f"Dice threshold chosen on the validation cases ({self.threshold_rule})"
+        ds["froc_sensitivity"].attrs["description"] = (
+            "lesion-level sensitivity at most fp_rate false-positive regions per scan (metrics.PooledFROC: regions "
+            f">= {self.froc_min_region_ml:g} ml, 26-connected, a hit needs >= 2 % of the region inside lesions)")
+        ds["froc_cpm"].attrs["description"] = "mean of froc_sensitivity over the fp_rates (LUNA16's CPM)"
+        ds["calibrated_threshold"].attrs["description"] = (
+            f"label-free threshold: flags {self.calibration_rate:g} of the body voxels of held-out healthy scans")
+        ds["operating"].attrs["description"] = (
+            "at the validation Dice threshold and at the calibrated one: pooled Dice, lesion sensitivity, "
+            "false-positive regions per scan, fraction of the test cases' normal body voxels flagged")
         ds["lesion_volume_ml"].attrs["units"] = "ml"
         ds["lesion_contrast"].attrs["units"] = "preprocessed intensity ([0, 1] after window and CLAHE)"
         ds["lesion_contrast_hu"].attrs["units"] = "HU"
@@ -498,6 +616,8 @@ class Evaluation:
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "max_fpr": self.max_fpr,
             "threshold_rule": self.threshold_rule, "threshold_percentile": self.percentile,
             "connectivity": int(self.connectivity), "n_val_cases": int(self.n_val_cases),
+            "n_calib_cases": int(self.n_calib_cases), "calibration_rate": self.calibration_rate,
+            "froc_min_region_ml": self.froc_min_region_ml,
             "run": "", "profile": "", "best_dice": "upper bound: threshold chosen on the evaluated cases themselves",
         })
         for k, v in (attrs or {}).items():
@@ -832,6 +952,7 @@ def run_evaluation(cfg: Any, *, progress: Callable[[str], None] | None = report,
     files.require_stage(run_dir, "density")
     methods = resolve_methods(run_dir, cfg.methods)
     test, val = load_cohort(run_dir, role="test"), load_cohort(run_dir, role="val")
+    calib = load_cohort(run_dir, role="calib")
     if not test:
         raise InputError(run_dir / "data" / "index.json", "at least one test case", "none")
     lesions = _read_lesions(run_dir)
@@ -840,10 +961,12 @@ def run_evaluation(cfg: Any, *, progress: Callable[[str], None] | None = report,
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
     t_start = time.perf_counter()
-    ev = Evaluation(methods, test, lesions, max_fpr=cfg.max_fpr, threshold_rule=threshold_rule, spill_dir=eval_dir)
+    ev = Evaluation(methods, test, lesions, max_fpr=cfg.max_fpr, threshold_rule=threshold_rule, spill_dir=eval_dir,
+                    froc_min_region_ml=getattr(cfg, "froc_min_region_ml", FROC_MIN_REGION_ML),
+                    calibration_rate=getattr(cfg, "calibration_rate", CALIBRATION_RATE))
     source = MapSource(run_dir, methods, device=cfg.device, overlap=cfg.overlap, sw_batch=cfg.sw_batch,
                        progress=progress)
-    source.cases_expected = len(val) + len(test)
+    source.cases_expected = len(val) + len(calib) + len(test)
     val_maps = [source.get(c, write_maps=False) for c in val]  # memory-mapped cache files
     for m in methods:
         thr = ev.set_threshold(m, [vm[m] for vm in val_maps], val)
@@ -851,6 +974,13 @@ def run_evaluation(cfg: Any, *, progress: Callable[[str], None] | None = report,
             progress(f"[eval] {m}: Dice threshold {thr:.4g} chosen on {len(val)} validation case(s)"
                      + (f" ({ev.threshold_notes[m]})" if not math.isfinite(thr) else ""))
     del val_maps
+    calib_maps = [source.get(c, write_maps=False) for c in calib]
+    for m in methods:
+        thr = ev.set_calibration(m, [cm[m] for cm in calib_maps], calib)
+        if progress and calib:
+            progress(f"[eval] {m}: label-free threshold {thr:.4g} flags {ev.calibration_rate:g} of the body voxels of "
+                     f"{len(calib)} held-out healthy scan(s)")
+    del calib_maps
     for c in test:
         maps = source.get(c, write_maps=True)
         for m in methods:
@@ -1017,9 +1147,73 @@ def gallery_figure(run_dir: str | Path, ds, method: str | None = None, *, per_ca
                                    f"{thr:.3g}")
 
 
+def froc_figures(ds) -> dict:
+    """Lesion-level FROC curves per dataset: sensitivity against false-positive regions per scan."""
+    import plotly.graph_objects as go
+
+    if "froc_fp_per_scan" not in ds:
+        return {}
+    out = {}
+    for d in ds.dataset.values:
+        fig = go.Figure()
+        for m in ds.model.values:
+            x = ds.froc_fp_per_scan.sel(dataset=d, model=m).values
+            y = ds.froc_sensitivity_curve.sel(dataset=d, model=m).values
+            keep = np.isfinite(x) & np.isfinite(y)
+            if not keep.any():
+                continue
+            order = np.argsort(x[keep], kind="stable")
+            cpm = float(ds.froc_cpm.sel(dataset=d, model=m))
+            fig.add_scatter(x=x[keep][order], y=y[keep][order], mode="lines+markers", name=f"{m} (CPM {cpm:.2f})")
+        if not fig.data:
+            continue
+        for rate in ds.fp_rate.values:
+            fig.add_vline(x=float(rate), line=dict(dash="dot", color="lightgray"))
+        fig.update_layout(title=f"{d}: lesions found against false-positive regions per scan",
+                          xaxis=dict(type="log", title="false-positive regions per scan"),
+                          yaxis=dict(range=[0, 1.02], title="fraction of lesions hit"), height=400,
+                          margin=dict(l=60, r=20, t=50, b=40))
+        out[f"FROC · {d}"] = fig
+    return out
+
+
+def froc_frame(ds):
+    """Lesion-level sensitivity at 1/8 ... 8 false positives per scan and the CPM: rows (dataset, method)."""
+    import pandas as pd
+
+    rows = {}
+    for d in ds.dataset.values:
+        for m in ds.model.values:
+            v = ds.froc_sensitivity.sel(dataset=d, model=m).values
+            rows[(str(d), str(m))] = [*v, float(ds.froc_cpm.sel(dataset=d, model=m))]
+    cols = [f"{r:g} FP/scan" for r in ds.fp_rate.values] + ["CPM"]
+    df = pd.DataFrame.from_dict(rows, orient="index", columns=cols)
+    df.index = pd.MultiIndex.from_tuples(df.index, names=["dataset", "method"]) if len(df) else df.index
+    return df
+
+
+def operating_frame(ds):
+    """Dice and lesion-level detection at the validation Dice threshold and at the label-free one."""
+    import pandas as pd
+
+    labels = {"dice": "Dice", "lesion_sensitivity": "lesions hit", "fp_per_scan": "FP regions / scan",
+              "normal_flagged": "normal voxels flagged"}
+    rows = {}
+    for d in ds.dataset.values:
+        for m in ds.model.values:
+            rows[(str(d), str(m))] = {(str(p), labels[str(k)]): float(ds.operating.sel(
+                dataset=d, model=m, operating_point=p, operating_metric=k)) for p in ds.operating_point.values
+                for k in ds.operating_metric.values}
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.columns = pd.MultiIndex.from_tuples(df.columns, names=["threshold", "metric"])
+    df.index = pd.MultiIndex.from_tuples(df.index, names=["dataset", "method"]) if len(df) else df.index
+    return df
+
+
 def evaluation_figures(run_dir: str | Path, ds) -> dict:
-    """Every figure of the report: curves, scatters, gallery (heading -> plotly figure)."""
+    """Every figure of the report: curves, FROC, scatters, gallery (heading -> plotly figure)."""
     figs = curve_figures(ds)
+    figs.update(froc_figures(ds))
     if ds.sizes["case"]:
         figs["AUROC vs lesion volume"] = scatter_figure(ds, "lesion_volume_ml")
         figs["AUROC vs lesion contrast"] = scatter_figure(ds, contrast_coordinate(ds))
@@ -1109,6 +1303,14 @@ def write_report(run_dir: str | Path, ds, figures: Mapping[str, Any] | None = No
     if notes:
         parts.append("<p class='note'>Undefined pooled values: " +
                      "; ".join(esc(f"{d}/{m}/{k}: {t}") for d, m, k, t in notes) + "</p>")
+    if "froc_sensitivity" in ds:
+        parts += ["<h2>Lesion-level detection (FROC)</h2>",
+                  f"<p class='note'>{esc(str(ds.froc_sensitivity.attrs.get('description', '')))}</p>",
+                  _table_html(froc_frame(ds)),
+                  "<h2>At a threshold: chosen on validation cases, or calibrated on healthy scans without labels</h2>",
+                  f"<p class='note'>{esc(str(ds.calibrated_threshold.attrs.get('description', '')))}; "
+                  f"{int(ds.attrs.get('n_calib_cases', 0))} healthy scan(s).</p>",
+                  _table_html(operating_frame(ds))]
     thr = {str(m): float(ds.threshold.sel(dict(model=m))) for m in ds.model.values}
     parts += ["<h2>Dice thresholds (chosen on the validation cases)</h2><ul>"]
     parts += [f"<li>{esc(m)}: {v:.5g}" + (f" ({esc(str(ds.threshold_note.sel(dict(model=m)).values))})" if not
@@ -1133,5 +1335,6 @@ def write_report(run_dir: str | Path, ds, figures: Mapping[str, Any] | None = No
 
 
 __all__ = ["METRICS", "Evaluation", "JointDensityScorer", "MapSource", "ZScoreBaseline", "available_methods", "best_method", "curve_figures",
-           "evaluate_maps", "evaluation_figures", "gallery_figure", "lesion_coords", "make_scorer", "metric_labels",
+           "evaluate_maps", "evaluation_figures", "froc_figures", "froc_frame", "gallery_figure", "lesion_coords",
+           "make_scorer", "metric_labels", "operating_frame",
            "resolve_methods", "run_evaluation", "scatter_figure", "write_report", "zscore_baseline"]

@@ -75,14 +75,20 @@ __all__ = [
     "dice",
     "best_dice",
     "threshold_from_validation",
+    "calibrate_threshold",
     "binarize",
     "PooledMetrics",
     "PooledResult",
     "DiceAtThreshold",
+    "PooledFROC",
+    "FROCResult",
+    "FROC_FP_RATES",
 ]
 
 #: neighbours -> scipy ``generate_binary_structure`` rank, per number of dimensions.
 CONNECTIVITY = {3: {6: 1, 18: 2, 26: 3}, 2: {4: 1, 8: 2}}
+#: false positives per scan at which FROC sensitivities are reported (LUNA16's CPM points)
+FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 _CHUNK = 1 << 22  # voxels binned at a time in histogram mode (bounds temporary memory)
 
 
@@ -688,3 +694,178 @@ def threshold_from_validation(
     if allnorm.size == 0:
         raise InputError("labels", "at least one normal voxel inside the ROI", "none")
     return float(np.percentile(allnorm, percentile))
+
+
+# --------------------------------------------------------------------------- lesion-level detection (FROC)
+
+
+class FROCResult(NamedTuple):
+    """Lesion-level detection of a :class:`PooledFROC`.
+
+    ``sensitivity[k]``: the best fraction of lesions hit among the thresholds with at most
+    ``fp_rates[k]`` false-positive regions per scan (0 where no threshold is that strict);
+    ``cpm``: their mean (LUNA16's competition performance metric); ``curve_*``: one point
+    per threshold (descending thresholds).
+    """
+
+    fp_rates: np.ndarray
+    sensitivity: np.ndarray
+    cpm: float
+    thresholds: np.ndarray
+    curve_fp_per_scan: np.ndarray
+    curve_sensitivity: np.ndarray
+    n_lesions: int
+    n_scans: int
+
+
+class PooledFROC:
+    """Free-response ROC over fixed thresholds, accumulated case by case (streaming).
+
+    At each threshold ``t`` the **detected regions** of a scan are the connected components
+    (``connectivity``, 26 by default) of ``score >= t`` inside the ROI, without those smaller
+    than ``min_region_ml``. The **lesions** are the connected components of ``label & roi``.
+    A detected region **hits** every lesion it overlaps, provided at least ``min_precision``
+    of its voxels are lesion voxels: a region that spreads over the whole body touches every
+    lesion but points at none, and counts as a false positive. A region that hits nothing is
+    a **false positive**. Pooled over scans: sensitivity = hit lesions / lesions, and the
+    mean number of false-positive regions per scan (every scan counts, with or without lesion).
+
+    Each ``update`` keeps two counts per threshold, so memory does not grow with the cases.
+    Cost: one connected-component labelling per threshold and case, in the ROI's bounding box.
+
+    Args:
+        thresholds: the score thresholds (any order; kept in descending order). Choose them
+            without the test labels, e.g. quantiles of validation maps (:meth:`quantile_thresholds`).
+        min_region_ml: smallest detected region counted, in ml (needs each case's spacing).
+        min_precision: in [0, 1]; 0 = any overlap is a hit.
+        connectivity: 6, 18 or 26 (3D).
+    """
+
+    def __init__(self, thresholds: Sequence[float], *, min_region_ml: float = 0.0, min_precision: float = 0.02,
+                 connectivity: int = 26):
+        t = np.asarray(thresholds, dtype=np.float64).ravel()
+        if t.size == 0 or not np.all(np.isfinite(t)):
+            raise ConfigError(f"PooledFROC thresholds: expected finite numbers, found {thresholds!r}")
+        if not 0.0 <= float(min_precision) <= 1.0:
+            raise ConfigError(f"min_precision: expected a number in [0, 1], found {min_precision!r}")
+        if float(min_region_ml) < 0:
+            raise ConfigError(f"min_region_ml: expected >= 0, found {min_region_ml!r}")
+        self.thresholds = np.unique(t)[::-1]
+        self.min_region_ml, self.min_precision = float(min_region_ml), float(min_precision)
+        self.structure = _structure(connectivity, 3, "labels")
+        self.hits = np.zeros(self.thresholds.size, np.int64)
+        self.false_positives = np.zeros(self.thresholds.size, np.int64)
+        self.n_lesions = 0
+        self.n_scans = 0
+
+    @staticmethod
+    def quantile_thresholds(maps: Sequence[Any], rois: Sequence[Any] | None = None, n: int = 24,
+                            top: tuple[float, float] = (1e-6, 0.2)) -> np.ndarray:
+        """``n`` thresholds at the score quantiles that leave the top ``top[0]`` ... ``top[1]``
+        fraction of ROI voxels above them (geometric steps), pooled over ``maps``."""
+        values = []
+        for i, m in enumerate(maps):
+            m = _to_numpy(m)
+            r = None if rois is None else _to_numpy(rois[i]).astype(bool)
+            values.append(np.asarray(m if r is None else m[r], np.float64).ravel())
+        v = np.concatenate(values) if values else np.empty(0)
+        if v.size == 0:
+            raise InputError("FROC thresholds", "maps with at least one ROI voxel", "none")
+        return np.unique(np.quantile(v, 1.0 - np.geomspace(top[0], top[1], n)))
+
+    def update(self, scores: Any, labels: Any, roi: Any = None, *, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+               name: str | None = None) -> None:
+        """Add one scan: scores (X, Y, Z), binary labels (or None: no lesion), roi, voxel spacing (mm)."""
+        tag = f" (case {name})" if name else ""
+        s, lab, r = _check_case(scores, labels, roi, tag)
+        if s.ndim != 3:
+            raise InputError(f"scores{tag}", "a 3D map for lesion-level detection", f"{s.ndim} dimension(s)")
+        if r is not None:  # work in the ROI's bounding box: nothing outside it can be detected
+            box = ndimage.find_objects(r.astype(np.uint8))
+            if box and box[0] is not None:
+                s, lab, r = s[box[0]], lab[box[0]], r[box[0]]
+            lab = lab & r
+        lesions, n_les = ndimage.label(lab, structure=self.structure)
+        voxel_ml = float(np.prod(np.asarray(spacing, np.float64))) / 1000.0
+        min_voxels = self.min_region_ml / voxel_ml if voxel_ml > 0 else 0.0
+        in_lesion = lesions > 0
+        lesion_ids = lesions[in_lesion]
+        for k, t in enumerate(self.thresholds):
+            pred = s >= t
+            if r is not None:
+                pred &= r
+            regions, n_reg = ndimage.label(pred, structure=self.structure)
+            if n_reg == 0:
+                continue
+            size = np.bincount(regions[pred], minlength=n_reg + 1)
+            region_of_lesion_voxel = regions[in_lesion]
+            inside = np.bincount(region_of_lesion_voxel, minlength=n_reg + 1)
+            counted = size >= max(min_voxels, 1e-12)
+            counted[0] = False
+            pointing = counted & (inside >= self.min_precision * size) & (inside > 0)
+            hit = np.unique(lesion_ids[pointing[region_of_lesion_voxel]])
+            self.hits[k] += hit.size
+            self.false_positives[k] += int(np.count_nonzero(counted & (inside == 0)) +
+                                           np.count_nonzero(counted & (inside > 0) & ~pointing))
+        self.n_lesions += int(n_les)
+        self.n_scans += 1
+
+    def compute(self, fp_rates: Sequence[float] = FROC_FP_RATES) -> FROCResult:
+        """Sensitivity at each FP rate, its mean (CPM) and the curve (module docstring).
+
+        Raises:
+            InputError: no scan, or no lesion in the scans (sensitivity undefined).
+        """
+        if self.n_scans == 0:
+            raise InputError("FROC", "at least one scan (call update)", "none")
+        if self.n_lesions == 0:
+            raise InputError("FROC", "at least one lesion in the scans", "none: sensitivity is undefined")
+        fp = self.false_positives / self.n_scans
+        sens = self.hits / self.n_lesions
+        rates = np.asarray(fp_rates, np.float64)
+        at = np.array([sens[fp <= x].max(initial=0.0) for x in rates])
+        return FROCResult(rates, at, float(at.mean()), self.thresholds.copy(), fp, sens,
+                          int(self.n_lesions), int(self.n_scans))
+
+
+# --------------------------------------------------------------------------- label-free thresholds
+
+
+def calibrate_threshold(healthy_maps: Sequence[Any], rois: Sequence[Any] | None, rate: float,
+                        unit: str = "voxel") -> float:
+    """A threshold from held-out **healthy** scans only, with a stated false-alarm rate.
+
+    ``unit="voxel"``: the lowest score that at most ``rate`` of the healthy ROI voxels (pooled)
+    reach, so that about that fraction of healthy tissue is flagged (``score >= threshold``;
+    scans differ, so a single scan's fraction varies around it). ``unit="scan"``: the same on
+    each healthy scan's maximum, so that about ``rate`` of healthy scans get any flagged voxel
+    (each scan is one Bernoulli trial: the rate's error is binomial in the number of scans).
+    Tied scores are never split: on the healthy scans themselves the flagged share is at
+    most ``rate``, and as close to it as the ties allow.
+
+    Raises:
+        ConfigError: ``rate`` outside (0, 1) or an unknown ``unit``.
+        InputError: no healthy scan or no ROI voxel.
+    """
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate < 1:
+        raise ConfigError(f"rate: expected a fraction in (0, 1), found {rate!r}")
+    if unit not in ("voxel", "scan"):
+        raise ConfigError(f"unit: expected 'voxel' or 'scan', found {unit!r}")
+    healthy_maps = list(healthy_maps)
+    if not healthy_maps:
+        raise InputError("healthy maps", "at least one held-out healthy scan", "none")
+    rois = [None] * len(healthy_maps) if rois is None else list(rois)
+    values = []
+    for i, (m, r) in enumerate(zip(healthy_maps, rois)):
+        s, _, r = _check_case(m, None, r, f" (healthy scan {i})")
+        v = s[r] if r is not None else s.ravel()
+        if v.size == 0:
+            raise InputError(f"roi (healthy scan {i})", "at least one ROI voxel", "none")
+        values.append(np.asarray([v.max()]) if unit == "scan" else np.asarray(v, np.float64))
+    values = np.concatenate(values)
+    u, counts = np.unique(values, return_counts=True)
+    at_or_above = np.cumsum(counts[::-1])[::-1]  # healthy values >= each distinct value
+    ok = np.flatnonzero(at_or_above <= rate * values.size)
+    if ok.size == 0:  # the top value alone is tied more often than allowed: flag nothing
+        return float(np.nextafter(u[-1], np.inf))
+    return float(u[ok[0]])

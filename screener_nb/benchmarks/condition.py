@@ -84,7 +84,7 @@ def _phantom_kind_labels(run_dir: Path, case) -> tuple[np.ndarray, list[str], np
                                                                           "phantom_spacing")})
     _, role, idx = case.id.split("-")
     seed = cfg.seed * 100_000 + PHANTOM_SEED_OFFSETS[role] + int(idx)
-    ph = generate_case(seed, lesions=role != "train", shape=tuple(cfg.phantom_shape),
+    ph = generate_case(seed, lesions=role in ("val", "test"), shape=tuple(cfg.phantom_shape),
                        spacing=tuple(cfg.phantom_spacing))
     pre = preprocess(ph.image, PreprocessParams.from_dict(read_index(run_dir)["preprocess"]), label=ph.label)
     organs = preprocess_label(ph.organs, pre.record)

@@ -29,7 +29,9 @@ from ..files import atomic_path, read_json, write_json
 from .preprocess import Preprocessed, PreprocessParams, bbox_of, to_original_grid
 from .volume import Volume
 
-ROLES = ("train", "val", "test")
+#: train: healthy scans the models learn from; val: labelled cases for choices (thresholds);
+#: test: the evaluated cases; calib: held-out healthy scans for label-free thresholds
+ROLES = ("train", "val", "test", "calib")
 INDEX_FILE = "index.json"
 META_FILE = "meta.json"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -43,7 +43,7 @@ MANIFEST_DIR_ENV = "SCREENER_MANIFEST_DIR"
 
 #: YAML files in the manifest folder that are not dataset manifests (their own schemas).
 NOT_DATASETS = frozenset({"samples", "phantoms"})
-ROLES = ("train", "test")
+ROLES = ("train", "test", "calib")  # calib: healthy scans held out for label-free thresholds
 IMAGE_FORMATS = ("nifti", "nrrd", "dicom_dir")
 
 

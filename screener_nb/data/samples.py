@@ -132,8 +132,8 @@ def validate_samples_manifest(data: dict, path: str | Path = "samples.yaml") -> 
             raise InputError(path, f"cases[{i}].archive among {sorted(data['archives'])}", repr(case["archive"]))
         if case["converter"] not in CONVERTERS:
             raise InputError(path, f"cases[{i}].converter among {CONVERTERS}", repr(case["converter"]))
-        if case["role"] not in ("train", "val", "test"):
-            raise InputError(path, f"cases[{i}].role 'train', 'val' or 'test'", repr(case["role"]))
+        if case["role"] not in ("train", "val", "test", "calib"):
+            raise InputError(path, f"cases[{i}].role 'train', 'val', 'test' or 'calib'", repr(case["role"]))
         for part in ("image", "label"):
             pattern = case.get(part)
             if pattern and not fnmatch.filter(case["members"], pattern):

@@ -136,6 +136,11 @@ def test_evaluation_results_and_report(quick_run):
 
     ds = load_results(quick_run)
     assert ds.sizes["case"] == 3
+    # lesion-level detection and the label-free threshold from the held-out healthy phantom
+    assert ds.attrs["n_calib_cases"] == 1 and np.isfinite(ds.calibrated_threshold.values).all()
+    assert np.isfinite(ds.froc_cpm.sel(dataset="phantoms").values).all()
+    flagged = ds.operating.sel(dataset="phantoms", operating_point="calibrated", operating_metric="normal_flagged")
+    assert (flagged.values < 0.05).all()  # calibrated at 0.1 % of healthy voxels: never a large share of the test's
     report = (quick_run / "eval" / "report.html").read_text()
     assert "<script src=\"http" not in report and "plotly" in report.lower()
     assert (quick_run / "eval" / "report.html").stat().st_size < 3_000_000  # compressed plotly.js and figures

@@ -83,7 +83,7 @@ def test_load_cohort_by_role_is_memory_mapped_and_equal_to_what_was_written(run_
     back = test.to_original_grid(np.asarray(test.label))
     assert back.shape == vol.shape and back[14, 12, 4] == 1
     assert load_cohort(run_dir / "data", role="val")[0].id == "case_002"  # the data dir itself works too
-    with pytest.raises(InputError, match=r"r1: expected a role among \('train', 'val', 'test'\) or None, found 'dev'"):
+    with pytest.raises(InputError, match=r"r1: expected a role among \('train', 'val', 'test', 'calib'\) or None, found 'dev'"):
         load_cohort(run_dir, role="dev")
 
 

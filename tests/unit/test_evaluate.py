@@ -534,3 +534,63 @@ def test_stage_on_a_tiny_real_run(tmp_path):
     loaded = load_case_maps(run)
     assert loaded.id == test[0].id and list(loaded.anomaly_maps) == list(ds.model.values)
     assert (run / "eval" / "report.html").stat().st_size > 1_000_000  # plotly.js inlined
+
+
+def test_froc_and_label_free_thresholds_in_the_results():
+    from screener_nb.metrics import FROC_FP_RATES, PooledFROC
+
+    from .test_froc import brute_counts
+
+    cases, val = cohort()
+    healthy = [make_case(f"h{k}", "a", seed=20 + k, label=False) for k in range(3)]
+    maps = {c.id: noisy_map(c, i, signal=2.0) for i, c in enumerate(cases)}
+    vmaps = [noisy_map(c, 10 + i, signal=2.0) for i, c in enumerate(val)]
+    hmaps = [noisy_map(c, 30 + i) for i, c in enumerate(healthy)]
+    ev = E.Evaluation(["m"], cases, calibration_rate=0.02, froc_min_region_ml=0.0)
+    dice_thr = ev.set_threshold("m", vmaps, val)
+    cal = ev.set_calibration("m", hmaps, healthy)
+    for c in cases:
+        ev.add("m", c, maps[c.id])
+    ds = ev.finish()
+    # the calibrated threshold: 2 % of the healthy body voxels at or above it (continuous scores: no ties)
+    hv = np.concatenate([m[c.body] for m, c in zip(hmaps, healthy)])
+    assert np.sum(hv >= cal) == int(0.02 * hv.size)
+    assert float(ds.calibrated_threshold.sel(model="m")) == cal
+    grid = np.r_[PooledFROC.quantile_thresholds(vmaps, [c.body for c in val], n=E.FROC_THRESHOLDS), dice_thr, cal]
+    for d in ("a", "b"):
+        group = [c for c in cases if c.dataset == d]
+        # Dice, lesion-level detection and the normal voxels flagged at each operating point, by hand
+        for point, thr in (("validation", dice_thr), ("calibrated", cal)):
+            got = ds.operating.sel(dataset=d, model="m", operating_point=point)
+            pred = [(maps[c.id] >= thr) & c.body for c in group]
+            lab = [(c.label > 0) & c.body for c in group]
+            tp = sum(int((p & y).sum()) for p, y in zip(pred, lab))
+            n_pred, n_pos = sum(int(p.sum()) for p in pred), sum(int(y.sum()) for y in lab)
+            assert float(got.sel(operating_metric="dice")) == pytest.approx(2 * tp / (n_pos + n_pred))
+            normal = sum(int((c.body & ~y).sum()) for c, y in zip(group, lab))
+            assert float(got.sel(operating_metric="normal_flagged")) == pytest.approx((n_pred - tp) / normal)
+            hits, fps, n_les = brute_counts([(maps[c.id], c.label > 0, c.body) for c in group], [thr], 1, 0.02)
+            assert float(got.sel(operating_metric="lesion_sensitivity")) == pytest.approx(hits[0] / n_les)
+            assert float(got.sel(operating_metric="fp_per_scan")) == pytest.approx(fps[0] / len(group))
+        # FROC: the best sensitivity at most r false-positive regions per scan, from the brute force
+        thresholds = np.unique(grid)[::-1]
+        hits, fps, n_les = brute_counts([(maps[c.id], c.label > 0, c.body) for c in group], thresholds, 1, 0.02)
+        fp_per_scan, sens = fps / len(group), hits / n_les
+        for r in FROC_FP_RATES:
+            want = max([s for f, s in zip(fp_per_scan, sens) if f <= r], default=0.0)
+            assert float(ds.froc_sensitivity.sel(dataset=d, model="m", fp_rate=r)) == pytest.approx(want)
+    assert ds.attrs["n_calib_cases"] == 3
+
+
+def test_calibration_without_healthy_scans_is_nan_with_a_reason():
+    cases, val = cohort()
+    ev = E.Evaluation(["m"], cases)
+    ev.set_threshold("m", [noisy_map(c, 10 + i) for i, c in enumerate(val)], val)
+    assert np.isnan(ev.set_calibration("m", [], []))
+    for i, c in enumerate(cases):
+        ev.add("m", c, noisy_map(c, i))
+    ds = ev.finish()
+    assert np.isnan(float(ds.calibrated_threshold.sel(model="m")))
+    assert "n_calib" in str(ds.calibrated_threshold_note.sel(model="m").values)
+    assert np.isnan(ds.operating.sel(operating_point="calibrated").values).all()
+    assert np.isfinite(ds.froc_cpm.values).all()

@@ -42,8 +42,7 @@ def fake_results(values: dict[tuple[str, str], list[float]], max_fpr=0.3, run="r
     pooled = np.full((len(datasets), len(methods), len(METRICS)), np.nan)
     for (d, m), v in values.items():
         pooled[datasets.index(d), methods.index(m)] = v
-    ds = ds.drop_vars(["pooled", "pooled_note", "n_cases", "roc_fpr", "roc_tpr", "pro_fpr", "pro_overlap", "dataset"],
-                      errors="ignore")
+    ds = ds.drop_vars([k for k, v in ds.data_vars.items() if "dataset" in v.dims] + ["dataset"], errors="ignore")
     ds = ds.assign_coords(dataset=np.asarray(datasets, dtype=object))
     ds["pooled"] = (("dataset", "model", "metric"), pooled)
     ds["n_cases"] = (("dataset",), np.ones(len(datasets), np.int64))
