@@ -41,9 +41,11 @@ def test_data_stage(quick_run):
     cases = load_cohort(quick_run)
     roles = sorted(c.role for c in cases)
     assert roles.count("train") == 4 and roles.count("test") == 3 and roles.count("val") == 1
+    assert roles.count("calib") == 1
     for c in cases:
         assert c.image.dtype == np.float32 and 0 <= c.image.min() and c.image.max() <= 1
-        assert (c.label is not None and c.label.any()) == (c.role != "train")
+        # lesions only where they are scored; calibration scans are healthy
+        assert (c.label is not None and c.label.any()) == (c.role in ("val", "test"))
 
 
 def test_encoders_trained_to_the_profile_steps(quick_run):
