@@ -21,6 +21,16 @@
 # the learned masking-invariant condition) and two densities (diagonal Gaussian,
 # normalizing flow) -- the paper's ablation (Table 3).
 #
+# The quick and demo profiles add a third density, `residual`: the context
+# condition of notebook 03 predicts the cell intensities *and* their variance
+# from the surroundings alone, so its own predictive Gaussian already is a
+# conditional density of the intensities. `learned-residual` scores how many
+# predicted standard deviations a small neighbourhood (Gaussian, `residual_sigma`
+# cells) sits away from what the surroundings expect; its only fitted parameters
+# are the spread of that averaged residual on the healthy training scans. It is
+# the profiles' main method: on the validation phantoms it is the score that
+# finds the liver, kidney and bone lesions (README, "Departures").
+#
 # **Runtime:** quick < 2 min, demo ~4-5 min on 2 CPU cores, full ~hours on one GPU.
 # **Previous:** [03 · Condition SSL](03_condition_ssl.ipynb) · **Next:** [05 · Distillation](05_distill.ipynb)
 
@@ -30,7 +40,8 @@ run_dir = None  # run directory shared by all stages (None: $SCREENER_RUN_DIR, e
 device = "auto"  # auto | cpu | cuda
 seed = 0  # random seed
 conditions = None  # comma-separated: none, sincos, learned (None: all three)
-densities = None  # comma-separated: gaussian, flow
+densities = None  # comma-separated: gaussian, flow, residual (the context's own prediction; quick / demo)
+residual_sigma = None  # residual: neighbourhood (cells) the standardised residual is averaged over
 steps = None  # optimiser steps per density model
 batch = None  # crops per step (paper 4)
 patch = None  # crop size (X, Y, Z)
@@ -73,8 +84,10 @@ import pandas as pd
 from screener_nb.train import load_log
 from screener_nb.viz.plots import loss_curves
 
-nll = {name: load_log(folder).nll_per_dim.values for name, folder in folders.items()}
-steps_axis = load_log(next(iter(folders.values()))).step.values
+# the residual density has no training curve: its one parameter per channel is fitted in closed form
+trained = {name: folder for name, folder in folders.items() if not name.endswith("-residual")}
+nll = {name: load_log(folder).nll_per_dim.values for name, folder in trained.items()}
+steps_axis = load_log(next(iter(trained.values()))).step.values
 loss_curves({"step": steps_axis, **nll}, title="training NLL per descriptor dimension (nats)")
 
 # %% [markdown]
@@ -92,7 +105,8 @@ from screener_nb.viz.plots import histogram_by_class, orthogonal_slices
 
 test_cases = [c for c in load_cohort(cfg.run_dir, role="test") if c.label is not None and c.label.any()]
 shown = [c for c in test_cases if c.dataset == "phantoms"][:1] + [c for c in test_cases if "lidc" in c.id][:1]
-best = "learned-flow" if "learned-flow" in folders else next(iter(folders))
+main = config.resolve("evaluate", {"profile": cfg.profile}).main_method
+best = main if main in folders else "learned-flow" if "learned-flow" in folders else next(iter(folders))
 condition, density = best.split("-")
 screener = Screener.from_run(cfg.run_dir, density=density, condition=condition, device=cfg.device,
                              overlap=cfg.overlap)

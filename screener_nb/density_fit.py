@@ -22,7 +22,7 @@ from torch import nn
 
 from . import files
 from .config import split_list
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .inference import FeatureExtractor, check_method, method_name
 from .progress import report
 from .train import CHECKPOINT, LOG, TrainSettings, read_log_rows, write_log_rows, fit, load_checkpoint, model_signature
@@ -260,15 +260,19 @@ def fit_densities(cfg: Any, *, callback: Callable[[str, dict], None] | None = No
     if not cases:
         raise InputError(run_dir / "data", "at least one training case", "none")
     spacing = tuple(read_index(run_dir)["preprocess"]["spacing"])
-    methods = {}
+    methods, residual = {}, None
     for condition in split_list(cfg.conditions):
         for density in split_list(cfg.densities):
+            if density == "residual":  # the learned condition's own prediction: no other condition has one
+                if condition == "learned":
+                    residual = method_name(condition, density)
+                continue
             check_method(condition, density)
             methods[method_name(condition, density)] = (condition, density)
-    if not methods:
+    if not methods and residual is None:
         raise InputError("density parameters", "at least one condition and one density", f"conditions={cfg.conditions!r}, densities={cfg.densities!r}")
-    features = SharedFeatures(run_dir, dict.fromkeys(c for c, _ in methods.values()), spacing, cfg.pool_stride,
-                              cfg.sincos_dim)
+    needed = dict.fromkeys([c for c, _ in methods.values()] + (["learned"] if residual else []))
+    features = SharedFeatures(run_dir, needed, spacing, cfg.pool_stride, cfg.sincos_dim)
     stage = files.stage_dir(run_dir, "density")
     specs, densities = {}, {}
     for name, (condition, density) in methods.items():
@@ -287,6 +291,13 @@ def fit_densities(cfg: Any, *, callback: Callable[[str, dict], None] | None = No
     settings = TrainSettings.from_config(cfg)
     from .ssl.context_task import is_context
 
+    if residual and not is_context(run_dir):
+        # the masked UNet predicts no intensities: there is no residual to score
+        if progress:
+            progress(f"[density] {residual} skipped: it needs the context condition (condition_model=context "
+                     f"in stage 03), and {run_dir / 'condition'} holds the masked UNet")
+        residual = None
+    out = {}
     if is_context(run_dir):  # the context condition needs whole scans: encode each once, fit on its grid
         made = files.read_json(run_dir / "condition" / "model.json")
         if tuple(made["pool_stride"]) != tuple(cfg.pool_stride):
@@ -294,14 +305,19 @@ def fit_densities(cfg: Any, *, callback: Callable[[str, dict], None] | None = No
                              f"(pool_stride {tuple(cfg.pool_stride)})", f"pool_stride {tuple(made['pool_stride'])} "
                              "(give both stages the same pool_stride)")
         grids = scan_grids(cases, features, cfg.patch, cfg.overlap, progress=progress)
+        if residual:
+            out[residual] = fit_residual(cfg, run_dir, cases, grids, features, spacing, stage / residual)
+            if progress:
+                progress(f"[density] {residual} fitted on {len(cases)} scans")
         cells = [p // s for p, s in zip(cfg.patch, cfg.pool_stride)]
         task = ScanDensityTask(grids, features, ensemble.conditions, cells, cfg.noise_std)
     else:
         task = DensityTask(cases, features, ensemble.conditions, cfg.patch, cfg.noise_std)
+    if not methods:
+        return out
     fit(ensemble, task, settings, stage / JOINT_DIR, callback=split_row if callback else None, desc="density")
     joint = load_checkpoint(stage / JOINT_DIR)
     rows = read_log_rows(stage / JOINT_DIR / LOG)
-    out = {}
     for name, density in ensemble.densities.items():
         folder = stage / name
         wrapped = _LogProb(density)
@@ -312,6 +328,36 @@ def fit_densities(cfg: Any, *, callback: Callable[[str, dict], None] | None = No
         write_log_rows(folder / LOG, [_model_row(r, name) for r in rows])
         out[name] = folder
     return out
+
+
+def fit_residual(cfg: Any, run_dir: Path, cases: list, grids: list[dict], features: "SharedFeatures", spacing,
+                 folder: Path) -> Path:
+    """Fit and write the residual density (:mod:`screener_nb.models.residual`) of the context condition
+    on the training scans' grids (their learned condition, from :func:`scan_grids`); returns its folder."""
+    from .models.context import coarse_image
+    from .models.residual import ResidualDensity
+
+    net = features.base.condition_encoder
+    spec = net.spec
+    if spec.get("target", "descriptor") != "intensity":
+        raise ConfigError(f"density 'residual' scores the cell intensities the context predicts: expected a context "
+                          f"condition trained with context_target=intensity, found {spec.get('target', 'descriptor')!r} "
+                          f"({run_dir / 'condition' / 'model.json'})")
+    model = ResidualDensity(net.dim, cfg.residual_sigma, net.heteroscedastic, spec["y_mean"], spec["y_std"])
+
+    def scans():
+        for case, g in zip(cases, grids):
+            x = torch.from_numpy(np.array(case.image, dtype=np.float32))[None, None]
+            yield coarse_image(x, tuple(cfg.pool_stride))[0], g["learned"].float(), g["body"].numpy()
+
+    model.fit(scans())
+    files.write_json(folder / "model.json", {
+        "condition": "learned", "density": "residual", "dim": features.base.dim, "cond_dim": model.cond_dim,
+        "target_dim": model.dim, "sigma_cells": model.sigma_cells, "heteroscedastic": model.heteroscedastic,
+        "scale": model.scale.tolist(), "patch": list(cfg.patch), "pool_stride": list(cfg.pool_stride),
+        "sincos_dim": cfg.sincos_dim, "spacing": list(spacing), "fitted_on": [str(c.id) for c in cases]})
+    files.torch_save({"model": model.state_dict(), "signature": model_signature(model), "step": 0}, folder / CHECKPOINT)
+    return folder
 
 
 def _model_row(row: dict, name: str) -> dict:
@@ -334,6 +380,15 @@ def load_density(run_dir: str | Path, condition: str, density: str, device: str 
     if extractor.dim != spec["dim"] or extractor.cond_dim != spec["cond_dim"]:
         raise InputError(folder / "model.json", f"dimensions matching the run's encoders (d={extractor.dim}, "
                          f"c={extractor.cond_dim})", f"d={spec['dim']}, c={spec['cond_dim']}")
+    if density == "residual":
+        from .models.residual import ResidualDensity
+
+        if not extractor.context:
+            raise InputError(run_dir / "condition", "the context condition the residual density was fitted on",
+                             "another condition model")
+        model = ResidualDensity(spec["target_dim"], spec["sigma_cells"], spec["heteroscedastic"])
+        load_checkpoint(folder, model)
+        return extractor, model.eval(), tuple(spec["patch"])
     wrapped = _LogProb(build_density_model(spec))
     load_checkpoint(folder, wrapped)
     model = wrapped.density.to(device).eval().requires_grad_(False)

@@ -730,7 +730,7 @@ class JointDensityScorer:
             x = torch.from_numpy(image)[None, None]
             with autocast(self.device):
                 scored = scan_scores(self.base, {m: self.densities[m] for m in methods}, x, self.patch,
-                                     self.overlap, self.sw_batch, extractors=self.extractors)
+                                     self.overlap, self.sw_batch, extractors=self.extractors, body=body)
             maps = {}
             for m in methods:
                 score = scored[m].numpy().astype(np.float32)
@@ -990,6 +990,7 @@ def run_evaluation(cfg: Any, *, progress: Callable[[str], None] | None = report,
     if progress:
         progress(f"[eval] {source.computed} map(s) computed in {source.seconds:.1f} s, {source.reused} reused")
     ds = ev.finish({"run": str(run_dir), "profile": getattr(cfg, "profile", ""), "overlap": float(cfg.overlap),
+                    "main_method": str(getattr(cfg, "main_method", "learned-flow")),
                     "seconds": round(time.perf_counter() - t_start, 2), "map_seconds": round(source.seconds, 2),
                     "maps_computed": int(source.computed), "maps_reused": int(source.reused)})
     from .results import save_results

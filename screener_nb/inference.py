@@ -29,7 +29,9 @@ from .errors import ConfigError, InputError
 from .runtime import autocast, resolve_device
 
 CONDITIONS = ("none", "sincos", "learned")
-DENSITIES = ("gaussian", "flow")
+#: ``residual``: the context condition's own predictive density of the cell intensities
+#: (:mod:`screener_nb.models.residual`); only with the ``learned`` context condition
+DENSITIES = ("gaussian", "flow", "residual")
 #: ``window``: the paper's -- the density inside each window, only the score map stitched;
 #: ``scan``: pooled descriptor and condition of the whole scan, then the density once per cell
 INFERENCE_MODES = ("window", "scan")
@@ -44,6 +46,9 @@ def check_method(condition: str, density: str) -> None:
         raise ConfigError(f"unknown condition {condition!r}; known: {', '.join(CONDITIONS)}")
     if density not in DENSITIES:
         raise ConfigError(f"unknown density {density!r}; known: {', '.join(DENSITIES)}")
+    if density == "residual" and condition != "learned":
+        raise ConfigError(f"density 'residual' is the learned context condition's own prediction: "
+                          f"expected condition 'learned', found {condition!r}")
 
 
 class FeatureExtractor(nn.Module):
@@ -166,7 +171,7 @@ class Screener:
         self.extractor: FeatureExtractor | None = None
         self.density: nn.Module | None = None
         self.mode = "window"
-        #: ``(1, 1, X, Y, Z) image -> (X, Y, Z) scores`` of a whole scan (scan mode), else None
+        #: ``(image (1, 1, X, Y, Z), body (X, Y, Z)) -> (X, Y, Z) scores`` of a whole scan (scan mode), else None
         self.score_scan: Callable | None = None
 
     # ------------------------------------------------------------------ construction
@@ -225,6 +230,10 @@ class Screener:
             raise ConfigError(f"inference mode: expected one of {', '.join(INFERENCE_MODES)}, found {mode!r}")
         if mode == "window" and extractor.context:
             raise ConfigError("the context condition needs the whole scan: use mode='scan'")
+        from .models.residual import ResidualDensity
+
+        if isinstance(density, ResidualDensity) and mode != "scan":
+            raise ConfigError("the residual density needs the whole scan: use mode='scan'")
 
         def score(x, origin):
             y, c = extractor(x, origin)
@@ -234,8 +243,8 @@ class Screener:
         screener = cls(score, patch, preprocess_params, method, device=dev, **kwargs)
         screener.extractor, screener.density, screener.mode = extractor, density, mode
         if mode == "scan":
-            screener.score_scan = lambda x: scan_scores(extractor, {method: density}, x, screener.patch,
-                                                        screener.overlap, screener.sw_batch)[method]
+            screener.score_scan = lambda x, body: scan_scores(extractor, {method: density}, x, screener.patch,
+                                                              screener.overlap, screener.sw_batch, body=body)[method]
         return screener
 
     # ------------------------------------------------------------------ maps
@@ -269,7 +278,7 @@ class Screener:
         x = torch.from_numpy(image)[None, None]
         if self.score_scan is not None:
             with autocast(self.device):
-                score = self.score_scan(x).float().cpu().numpy().astype(np.float32)
+                score = self.score_scan(x, body).float().cpu().numpy().astype(np.float32)
         else:
             out = sliding_window_inference(
                 x, self.patch, self.sw_batch, predictor, overlap=self.overlap, mode="gaussian",
@@ -395,14 +404,16 @@ def pooled_map(encoder: nn.Module, x: torch.Tensor, patch, stride, overlap: floa
 
 @torch.inference_mode()
 def scan_scores(extractor: FeatureExtractor, densities: dict, x: torch.Tensor, patch, overlap: float = 0.25,
-                sw_batch: int = 2, extractors: dict | None = None) -> dict:
+                sw_batch: int = 2, extractors: dict | None = None, body: np.ndarray | None = None) -> dict:
     """Scan-mode anomaly maps: method -> (X, Y, Z) float32 scores (nats) of a whole scan
     ``x`` (1, 1, X, Y, Z).
 
     The descriptor runs once; each condition kind once (``extractors``: method -> its
     extractor sharing this one's descriptor, default ``extractor`` for all); every density
-    scores the whole cell grid, and the cell scores are upsampled to the voxels."""
+    scores the whole cell grid, and the cell scores are upsampled to the voxels. ``body``
+    (X, Y, Z) bool: the scan's body mask, which the residual density averages inside."""
     from .models.density import upsample_cells
+    from .models.residual import ResidualDensity
 
     extractors = extractors or {m: extractor for m in densities}
     y, conds = None, {}
@@ -412,6 +423,25 @@ def scan_scores(extractor: FeatureExtractor, densities: dict, x: torch.Tensor, p
         key = (ext.condition_kind, id(ext.condition_encoder))
         if key not in conds:
             y, conds[key] = ext.scan_features(x, patch, overlap, sw_batch, y=y)
-        nll = -density.log_prob(y, conds[key])
+        if isinstance(density, ResidualDensity):
+            nll = density.score(coarse_cells(x, ext.pool_stride)[0], conds[key][0],
+                                body_cells(body, ext.pool_stride, source=m))[None]
+        else:
+            nll = -density.log_prob(y, conds[key])
         out[m] = upsample_cells(nll.float().cpu(), tuple(x.shape[2:]), ext.pool_stride)[0]
     return out
+
+
+def coarse_cells(x: torch.Tensor, stride) -> torch.Tensor:
+    """(1, 2, x, y, z) cell mean and std of a scan ``x`` (1, 1, X, Y, Z) on the CPU."""
+    from .models.context import coarse_image
+
+    return coarse_image(x.float().cpu(), tuple(stride))
+
+
+def body_cells(body: np.ndarray | None, stride, source: str = "scan") -> np.ndarray:
+    """(x, y, z) bool: the cells at least half inside the body mask (X, Y, Z)."""
+    if body is None:
+        raise ConfigError(f"{source}: scoring needs the scan's body mask")
+    b = torch.from_numpy(np.asarray(body, np.float32))[None, None]
+    return (torch.nn.functional.avg_pool3d(b, tuple(stride), tuple(stride))[0, 0] > 0.5).numpy()

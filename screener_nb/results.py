@@ -152,6 +152,16 @@ def load(run_dir: str | Path):
     return load_results(run_dir)
 
 
+def main_method(ds) -> str:
+    """The method a run leads with: its ``main_method`` attribute (evaluate parameter), else
+    learned-flow (the paper's Screener), else the first method of the results."""
+    names = [str(m) for m in ds.model.values]
+    for name in (ds.attrs.get("main_method"), "learned-flow"):
+        if name in names:
+            return str(name)
+    return names[0]
+
+
 def run_summary(ds, main: str = "learned-flow") -> pd.DataFrame:
     """The end-of-run table: per dataset, the ``main`` method's pooled AUROC, AUROC@fpr,
     AUPRO@fpr and Dice, and the other method with the highest pooled AUROC beside it.

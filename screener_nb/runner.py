@@ -248,19 +248,20 @@ def run(
 def print_summary(run_dir: Path, seconds: float) -> None:
     """The run's closing lines: the main method's pooled metrics per dataset beside the best
     other method (:func:`~screener_nb.results.run_summary`), the run time and the report."""
-    from .results import load_results, run_summary
+    from .results import load_results, main_method, run_summary
 
     if (run_dir / "eval" / "metrics.nc").exists():
         import pandas as pd
 
         ds = load_results(run_dir)
-        if "learned-flow" in [str(m) for m in ds.model.values]:
-            table = run_summary(ds, main="learned-flow")
+        main = main_method(ds)
+        if len(ds.model) > 1:
+            table = run_summary(ds, main=main)
             # one flat header line: the main method's metrics, then the best other method's
-            table.columns = [a if b in ("learned-flow", "") else f"{a} (other)" for a, b in table.columns]
+            table.columns = [a if b in (main, "") else f"{a} (other)" for a, b in table.columns]
             table = table.apply(lambda col: col.round(3) if col.dtype.kind == "f" else col)
             with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
-                print(f"[run] pooled results, main method learned-flow, best other method beside it:\n"
+                print(f"[run] pooled results, main method {main}, best other method beside it:\n"
                       f"{table}", flush=True)
     print(f"[run] finished in {seconds / 60:.1f} min", flush=True)
     report = run_dir / "eval" / "report.html"

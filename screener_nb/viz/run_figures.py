@@ -20,7 +20,6 @@ import numpy as np
 
 from ..errors import InputError
 
-MAIN_METHOD = "learned-flow"
 #: the curves drawn beside the main method, where the run has them
 CURVE_BASELINES = ("none-gaussian", "sincos-gaussian", "zscore")
 
@@ -55,7 +54,9 @@ def _main_method(ds, method: str | None) -> str:
         if method not in names:
             raise InputError("--method", f"one of the run's methods ({', '.join(names)})", repr(method))
         return method
-    return MAIN_METHOD if MAIN_METHOD in names else names[0]
+    from ..results import main_method
+
+    return main_method(ds)
 
 
 def _labelled_case(run: Path, ds, case_id: str | None) -> str:
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("run", help="an evaluated run directory, e.g. runs/demo")
     ap.add_argument("out", help="folder to write anomaly_map.png and curves.png into, e.g. docs/")
     ap.add_argument("--case", default=None, help="test case to show (default: the first real labelled one)")
-    ap.add_argument("--method", default=None, help=f"method whose map to show (default: {MAIN_METHOD})")
+    ap.add_argument("--method", default=None, help="method whose map to show (default: the run's main method)")
     args = ap.parse_args(argv)
     for p in write_run_figures(args.run, args.out, case_id=args.case, method=args.method):
         print(f"wrote {p} ({p.stat().st_size / 1024:.0f} KiB)")

@@ -119,7 +119,7 @@ def test_context_regressing_intensities_with_centred_maps(quick_run, tmp_path):
     g = scan_grids(case, load_encoder(run, "descriptor"), tuple(spec["descriptor_patch"]), tuple(spec["pool_stride"]))
     plain = net.condition_map(g["coarse"][None], window=net.window)[0].numpy()
     centred = net.condition_map(g["coarse"][None], window=net.window, centred=True)[0].numpy()
-    np.testing.assert_allclose(c, centred, atol=1e-5)
+    np.testing.assert_allclose(c, centred[:spec["dim"]], atol=1e-5)  # the prediction, not its log-variance
     assert np.abs(c - plain).max() > 1e-4
 
 
@@ -128,9 +128,15 @@ def test_density_models_and_anomaly_maps(quick_run):
 
     folders = sorted(p.name for p in (quick_run / "density").iterdir() if p.is_dir())
     methods = sorted(f"{c}-{d}" for c in ("none", "sincos", "learned") for d in ("gaussian", "flow"))
-    assert folders == sorted(methods + [JOINT_DIR])  # one folder per model + the ensemble's checkpoint
+    # one folder per model + the ensemble's checkpoint + the context's residual density
+    assert folders == sorted(methods + [JOINT_DIR, "learned-residual"])
     for m in methods:
         assert {"model.json", "checkpoint.pt", "train_log.csv"} <= {p.name for p in (quick_run / "density" / m).iterdir()}
+    from screener_nb import files
+
+    spec = files.read_json(quick_run / "density" / "learned-residual" / "model.json")
+    assert spec["density"] == "residual" and spec["target_dim"] == 2 and spec["heteroscedastic"]
+    assert len(spec["fitted_on"]) == 4 and all(0 < s < 10 for s in spec["scale"])
 
 
 def test_evaluation_results_and_report(quick_run):

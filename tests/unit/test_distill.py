@@ -518,7 +518,7 @@ def test_student_of_a_real_tiny_run_reproduces_the_teacher(tmp_path, capsys):
                                  patch=(32, 32, 32), warmup=3, checkpoint_every=100, log_every=5))
     files.mark_done(run, "density")
     # 400 steps: measured AUROC differences -0.031 after 150 steps, -0.025 after 400 (teacher 0.570)
-    cfg = config.resolve("distill", **common, steps=400, batch=2, patch=(32, 32, 32), warmup=10, lr=3e-3,
+    cfg = config.resolve("distill", **common, steps=400, teacher="learned-flow", batch=2, patch=(32, 32, 32), warmup=10, lr=3e-3,
                          checkpoint_every=1000, log_every=20)
     info = distill_student(cfg, progress=None)
     assert info["steps_done"] == 400 and info["teacher"] == "learned-flow"
