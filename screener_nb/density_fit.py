@@ -23,7 +23,7 @@ from torch import nn
 from . import files
 from .config import split_list
 from .errors import ConfigError, InputError
-from .inference import FeatureExtractor, check_method, method_name
+from .inference import FeatureExtractor, body_cells, check_method, method_name
 from .progress import report
 from .train import CHECKPOINT, LOG, TrainSettings, read_log_rows, write_log_rows, fit, load_checkpoint, model_signature
 
@@ -194,8 +194,7 @@ def scan_grids(cases: list, features: "SharedFeatures", patch, overlap: float = 
         t0 = time.perf_counter()
         x = torch.from_numpy(np.array(case.image, dtype=np.float32))[None, None]
         y, c = base.scan_features(x, patch, overlap)
-        body = torch.nn.functional.avg_pool3d(torch.from_numpy(np.asarray(case.body, np.float32))[None, None],
-                                              base.pool_stride, base.pool_stride)[0, 0] > 0.5
+        body = torch.from_numpy(body_cells(case.body, base.pool_stride))
         out.append({"y": y[0].cpu().half(), "learned": None if c is None else c[0].cpu().half(), "body": body,
                     "spacing": tuple(case.spacing)})
         if progress:

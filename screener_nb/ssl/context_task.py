@@ -19,7 +19,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import files
@@ -31,13 +30,12 @@ def scan_grids(case: Any, descriptor: nn.Module, patch, stride, overlap: float =
     """Whole-scan grids of one preprocessed case: ``y`` (D, x, y, z) pooled descriptor,
     ``coarse`` (2, x, y, z) cell mean / std of the image, ``body`` (x, y, z) bool (cells at
     least half inside the body)."""
-    from ..inference import pooled_map
+    from ..inference import body_cells, pooled_map
     from ..models.context import coarse_image
 
     x = torch.from_numpy(np.array(case.image, dtype=np.float32))[None, None]
     y = pooled_map(descriptor, x, patch, stride, overlap, sw_batch)[0]
-    body = F.avg_pool3d(torch.from_numpy(np.asarray(case.body, np.float32))[None, None], stride, stride)[0, 0]
-    return {"y": y, "coarse": coarse_image(x, stride)[0], "body": body > 0.5}
+    return {"y": y, "coarse": coarse_image(x, stride)[0], "body": torch.from_numpy(body_cells(case.body, stride))}
 
 
 def _crop(t: torch.Tensor, start: Sequence[int], size: Sequence[int]) -> torch.Tensor:
@@ -176,8 +174,9 @@ def context_quality(run_dir: str | Path, cases: Sequence[Any], *, trained: bool 
     for case in cases:
         y, c = context_maps(run_dir, case, trained=trained)
         stride = tuple(files.read_json(Path(run_dir) / "condition" / "model.json")["pool_stride"])
-        body = F.avg_pool3d(torch.from_numpy(np.asarray(case.body, np.float32))[None, None], stride,
-                            stride)[0, 0].numpy() > 0.5
+        from ..inference import body_cells
+
+        body = body_cells(case.body, stride)
         err = np.square(c - y)[:, body].mean()
         out[str(case.id)] = float(1 - err / y[:, body].var(1).mean())
     return out
