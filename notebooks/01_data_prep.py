@@ -78,6 +78,7 @@ summary
 import numpy as np
 
 from screener_nb.data.cohort import load_cohort
+from screener_nb.data.phantom_truth import phantom_seed
 from screener_nb.data.phantoms import generate_case
 from screener_nb.viz.plots import histogram_by_class, orthogonal_slices
 
@@ -87,7 +88,7 @@ centre = tuple(int(v) for v in np.argwhere(case.label > 0).mean(0))
 print(case)
 raw = None
 if case.id == "phantom-test-000":
-    raw = generate_case(cfg.seed * 100_000 + 20_000, lesions=True, shape=tuple(cfg.phantom_shape),
+    raw = generate_case(phantom_seed(cfg.seed, "test", 0), lesions=True, shape=tuple(cfg.phantom_shape),
                         spacing=tuple(cfg.phantom_spacing))
     orthogonal_slices(raw.image.array, label=raw.label.array, spacing=raw.image.spacing, window=(-1000, 300),
                       title="raw phantom (HU)").show()

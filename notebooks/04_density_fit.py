@@ -145,6 +145,38 @@ rows = {name: voxel_auroc([s[name] for s in scores], [c.label > 0 for c in previ
                           roi=[np.asarray(c.body) for c in preview]) for name in folders}
 pd.Series(rows, name="pooled voxel AUROC (test cases)").round(3)
 
+# %% [markdown]
+# ## An upper bound: the oracle condition
+# A residual score is only as good as the context's prediction of what a cell
+# should look like. For a phantom we know what no model knows: the organ of
+# every voxel, in the healthy anatomy (a lesion does not change it). Each
+# organ's share of every cell, smoothed over one cell, is an *oracle*
+# condition. A linear-Gaussian prediction of the cell intensities from it,
+# fitted on the training phantoms, replaces the learned context, and the same
+# residual density scores it (`screener_nb.models.oracle`).
+#
+# Read the table as two gaps: oracle minus learned is what a better condition
+# could still give this score; 1 minus oracle is what no condition can give it
+# (a lesion whose intensity is normal for its organ, or smaller than a cell).
+
+# %% papermill_description=oracle-condition
+from screener_nb.baselines import fit_oracle_residual
+
+phantom_preview = [(c, s) for c, s in zip(preview, scores) if c.id.startswith("phantom-")]
+if phantom_preview:
+    oracle = fit_oracle_residual(cfg.run_dir, load_cohort(cfg.run_dir, role="train"), stride=cfg.pool_stride,
+                                 sigma_cells=cfg.residual_sigma)
+    labels = [c.label > 0 for c, _ in phantom_preview]
+    bodies = [np.asarray(c.body) for c, _ in phantom_preview]
+    bound = {"oracle-residual (organ map known)":
+             voxel_auroc([oracle.score_case(cfg.run_dir, c) for c, _ in phantom_preview], labels, roi=bodies)}
+    bound.update({name: voxel_auroc([s[name] for _, s in phantom_preview], labels, roi=bodies) for name in folders})
+    print(f"oracle fitted on {len(oracle.fitted_on)} training phantoms; scored on "
+          f"{', '.join(c.id for c, _ in phantom_preview)}")
+    display(pd.Series(bound, name="pooled voxel AUROC (the phantom test cases above)").round(3))
+else:
+    print("no phantom among the preview cases: the oracle needs a phantom's organ map")
+
 # %%
 from screener_nb import files
 

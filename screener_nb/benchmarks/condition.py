@@ -54,43 +54,20 @@ def cache_case(case, descriptor, patch, overlap: float, cache_dir: Path, key: st
 
 
 def phantom_kind_labels(run_dir: Path, case):
-    """:func:`_phantom_kind_labels`, cached in ``<run>/bench_cache``."""
-    path = run_dir / "bench_cache" / f"kinds-{case.id}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=False)
-    out = _phantom_kind_labels(run_dir, case)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, path)
-    return out
-
-
-def _phantom_kind_labels(run_dir: Path, case) -> tuple[np.ndarray, list[str], np.ndarray] | None:
-    """(per-lesion label (X, Y, Z) uint8 on the preprocessed grid, kinds by label value - 1, organs)
-    of a phantom case, regenerated from its seed (the run stores only the binary union)."""
-    from ..data.build import PHANTOM_SEED_OFFSETS
-    from ..data.cohort import read_index
-    from ..data.phantoms import generate_case
-    from ..data.preprocess import PreprocessParams, preprocess, preprocess_label
+    """(per-lesion labels, kinds, organs) of a phantom case (:func:`~screener_nb.data.phantom_truth.phantom_truth`),
+    cached in ``<run>/bench_cache``; None for a real case."""
+    from ..data.phantom_truth import phantom_truth
 
     if not case.id.startswith("phantom-"):
         return None
-    params_path = run_dir / "params.yaml"
-    import yaml
-
-    allp = yaml.safe_load(params_path.read_text()) if params_path.exists() else {}
-    from ..config import resolve
-
-    cfg = resolve("data", {k: v for k, v in (allp or {}).items() if k in ("profile", "seed", "phantom_shape",
-                                                                          "phantom_spacing")})
-    _, role, idx = case.id.split("-")
-    seed = cfg.seed * 100_000 + PHANTOM_SEED_OFFSETS[role] + int(idx)
-    ph = generate_case(seed, lesions=role in ("val", "test"), shape=tuple(cfg.phantom_shape),
-                       spacing=tuple(cfg.phantom_spacing))
-    pre = preprocess(ph.image, PreprocessParams.from_dict(read_index(run_dir)["preprocess"]), label=ph.label)
-    organs = preprocess_label(ph.organs, pre.record)
-    if pre.label.shape != np.shape(case.body):
-        raise RuntimeError(f"{case.id}: regenerated grid {pre.label.shape} != run's {np.shape(case.body)}")
-    return pre.label, [les["kind"] for les in ph.lesions], organs
+    path = run_dir / "bench_cache" / f"kinds-{case.id}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    truth = phantom_truth(run_dir, case)
+    out = (truth.labels, truth.kinds, truth.organs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    return out
 
 
 def train_context(train: list[dict], dim: int, *, steps: int, block: int, window: int, lr: float,

@@ -27,9 +27,9 @@ from .. import files
 from ..errors import InputError
 from ..progress import report
 from .cohort import write_case, write_index
+from .phantom_truth import phantom_seed
 from .preprocess import PreprocessParams, preprocess
 
-PHANTOM_SEED_OFFSETS = {"train": 0, "val": 10_000, "test": 20_000, "calib": 30_000}
 
 
 def preprocess_params(cfg: Any) -> PreprocessParams:
@@ -46,8 +46,7 @@ def _phantom_cases(cfg: Any):
 
     for role, n in (("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test), ("calib", cfg.n_calib)):
         for i in range(n):
-            seed = cfg.seed * 100_000 + PHANTOM_SEED_OFFSETS[role] + i
-            case = generate_case(seed, lesions=role in ("val", "test"), shape=tuple(cfg.phantom_shape),
+            case = generate_case(phantom_seed(cfg.seed, role, i), lesions=role in ("val", "test"), shape=tuple(cfg.phantom_shape),
                                  spacing=tuple(cfg.phantom_spacing))
             lesions = list(getattr(case, "lesions", []) or [])
             yield f"phantom-{role}-{i:03d}", role, case.image, case.label, lesions

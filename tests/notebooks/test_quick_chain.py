@@ -139,6 +139,56 @@ def test_density_models_and_anomaly_maps(quick_run):
     assert len(spec["fitted_on"]) == 4 and all(0 < s < 10 for s in spec["scale"])
 
 
+def strongest_lesion_auroc(run: Path, method: str) -> tuple[str, float]:
+    """Voxel AUROC (sklearn) of the test cases' strongest lesion (largest |contrast| in HU, from the
+    data stage's lesion table) against the healthy body voxels of its scan, under ``method``."""
+    from sklearn.metrics import roc_auc_score
+
+    from screener_nb import files
+    from screener_nb.data.cohort import load_cohort
+    from screener_nb.inference import Screener
+
+    cases = {c.id: c for c in load_cohort(run, role="test")}
+    table = files.read_json(run / "data" / "lesions.json")
+    cid, lesion = max(((cid, les) for cid in cases for les in table.get(cid, [])),
+                      key=lambda item: abs(item[1]["contrast_hu"]))
+    case = cases[cid]
+    condition, density = method.split("-")
+    screener = Screener.from_run(run, density=density, condition=condition, device="cpu")
+    scores = screener.score_preprocessed(np.asarray(case.image), np.asarray(case.body), case.spacing)
+    label, body = np.asarray(case.label), np.asarray(case.body, bool)
+    lesion_voxels, healthy = label == lesion["label_value"], body & (label == 0)
+    y = np.r_[np.ones(lesion_voxels.sum()), np.zeros(healthy.sum())]
+    return f"{cid} {lesion['kind']}", roc_auc_score(y, np.r_[scores[lesion_voxels], scores[healthy]])
+
+
+def test_training_learns_to_find_a_strong_lesion(quick_run, tmp_path):
+    """The quick profile's main method finds the test cases' strongest lesion (AUROC >= 0.8), and the
+    same pipeline whose encoders stopped after one optimiser step (still in warm-up: their
+    initialisation) does not: what finds the lesion is what the encoders learned."""
+    import shutil
+
+    from screener_nb import config
+    from screener_nb.density_fit import fit_densities
+    from screener_nb.ssl.context_task import train_context
+    from screener_nb.ssl.task import train_encoder
+
+    main = config.resolve("evaluate", profile="quick").main_method
+    assert main.startswith("learned-")  # the main method uses the learned condition
+    lesion, trained = strongest_lesion_auroc(quick_run, main)
+    assert trained >= 0.8, (lesion, trained)
+
+    run = tmp_path / "init"
+    shutil.copytree(quick_run, run, ignore=shutil.ignore_patterns("descriptor", "condition", "density", "distill", "eval"))
+    train_encoder(config.resolve("descriptor", profile="quick", run_dir=str(run)), stop_after=1)
+    train_context(config.resolve("condition", profile="quick", run_dir=str(run)), stop_after=1)
+    fit_densities(config.resolve("density", profile="quick", run_dir=str(run), densities=main.split("-")[1]),
+                  progress=None)
+    lesion_init, untrained = strongest_lesion_auroc(run, main)
+    assert lesion_init == lesion
+    assert untrained < 0.8 and trained > untrained + 0.1, (lesion, trained, untrained)
+
+
 def test_evaluation_results_and_report(quick_run):
     from screener_nb.results import load_results
 

@@ -308,7 +308,7 @@ def test_bad_seed_and_bad_params():
 
 # --------------------------------------------------------------------------- manifest
 def test_manifest_describes_the_generator():
-    from screener_nb.data.build import PHANTOM_SEED_OFFSETS
+    from screener_nb.data.phantom_truth import PHANTOM_SEED_OFFSETS
 
     path = Path(__file__).resolve().parents[2] / "data_manifests" / "phantoms.yaml"
     m = yaml.safe_load(path.read_text())
