@@ -38,7 +38,7 @@ profile = "quick"  # quick | demo | full
 run_dir = None  # run directory shared by all stages (None: $SCREENER_RUN_DIR, else runs/<profile>)
 device = "auto"  # auto | cpu | cuda
 seed = 0  # random seed (evaluation is deterministic; kept for a uniform interface)
-methods = None  # all, or a comma list of: none-gaussian, ..., learned-flow, learned-residual, zscore, student (None: all)
+methods = None  # all, or a comma list of: none-gaussian, ..., learned-flow, learned-residual, zscore, init-gaussian, student (None: all)
 main_method = None  # the method the summary and figures lead with (None: the profile's)
 overlap = None  # sliding-window overlap (paper 0.5)
 sw_batch = None  # windows per forward pass
@@ -133,6 +133,22 @@ ds
 from screener_nb.results import paper_table, styled
 
 styled(paper_table(ds))
+
+# %% [markdown]
+# ## The ladder: what each part adds
+# The same run, one part of Screener added per rung: the intensity z-score
+# (knows intensities, not anatomy); the descriptor network *at its random
+# initialisation* with a Gaussian (what a random convolutional feature map
+# gives); the self-supervised descriptor with the same Gaussian (what the
+# descriptor's training adds); a sin-cos position condition; the learned
+# condition instead; a flow instead of the Gaussian (the paper's Screener); and,
+# in the CPU profiles, the context's own residual. Each rung is scored on the
+# same test cases, with the same pooled metrics.
+
+# %%
+from screener_nb.results import baseline_ladder
+
+styled(baseline_ladder(ds))
 
 # %% [markdown]
 # The Dice thresholds, chosen on the validation cases only:

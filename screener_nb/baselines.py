@@ -4,6 +4,11 @@
   with the *oracle* condition of :mod:`screener_nb.models.oracle` (the phantom's
   known organ map) in place of the learned context: an upper bound of what a
   better condition could give the same score (notebook 04).
+* :func:`init_descriptor_gaussian` (``init-gaussian``): the descriptor's
+  architecture at its random initialisation with the unconditional Gaussian of
+  its pooled features: the rung of notebook 06's ladder below the trained
+  descriptor (``none-gaussian``), which says what the self-supervised training
+  adds over a random convolutional feature map.
 """
 from __future__ import annotations
 
@@ -74,3 +79,56 @@ def fit_oracle_residual(run_dir: str | Path, train_cases: Sequence[Any], *, stri
                               oracle.target_std.tolist())
     density.fit((coarse, oracle.condition(coarse.numpy(), cells, body), body) for coarse, cells, body in grids)
     return OracleResidual(oracle, density, stride, float(organ_sigma), [str(c.id) for c in phantoms])
+
+
+INIT_GAUSSIAN = "init-gaussian"
+
+
+@torch.inference_mode()
+def init_descriptor_gaussian(run_dir: str | Path, *, n_fit: int = 6, device: str = "auto", overlap: float = 0.5,
+                             sw_batch: int = 2, mode: str | None = None):
+    """The ``init-gaussian`` baseline of a run: its descriptor architecture at the random initialisation
+    (the descriptor stage's seed) and the unconditional diagonal Gaussian of its pooled features,
+    fitted in closed form -- the maximum-likelihood mean and variance over the body cells of up to
+    ``n_fit`` training scans (evenly spaced in the cohort), the variance plus the density stage's
+    training noise (``noise_std`` squared), as its SGD fit of ``none-gaussian`` sees it.
+
+    Returns a :class:`~screener_nb.inference.Screener` named ``init-gaussian``, scored in ``mode``
+    (None: as the run's density methods are, ``scan`` with the context condition, else ``window``).
+    """
+    from . import config, files
+    from .data.cohort import load_cohort, read_index
+    from .data.preprocess import PreprocessParams
+    from .inference import FeatureExtractor, Screener, body_cells
+    from .models.density import UnconditionalGaussian
+    from .runtime import resolve_device
+    from .ssl.context_task import is_context
+    from .ssl.task import load_encoder
+
+    run_dir = Path(run_dir)
+    files.require_stage(run_dir, "descriptor")
+    cfg = config.resolve_for_run("density", run_dir)
+    dev = resolve_device(device)
+    spacing = tuple(read_index(run_dir)["preprocess"]["spacing"])
+    extractor = FeatureExtractor(load_encoder(run_dir, "descriptor", trained=False, device=dev), "none", None,
+                                 spacing, cfg.pool_stride, cfg.sincos_dim).to(dev).eval()
+    cases = load_cohort(run_dir, role="train")
+    if not cases:
+        raise InputError(run_dir / "data", "at least one training case", "none")
+    m = min(int(n_fit), len(cases))
+    picked = [cases[i] for i in sorted({round(k * (len(cases) - 1) / max(m - 1, 1)) for k in range(m)})]
+    n, s1, s2 = 0, 0.0, 0.0
+    for case in picked:
+        x = torch.from_numpy(np.array(case.image, dtype=np.float32))[None, None]
+        y, _ = extractor.scan_features(x, cfg.patch, cfg.overlap, sw_batch)
+        cells = y[0, :, torch.from_numpy(body_cells(case.body, cfg.pool_stride, source=case.id))].double().cpu()
+        n, s1, s2 = n + cells.shape[1], s1 + cells.sum(1), s2 + cells.square().sum(1)
+    mean = s1 / n
+    var = (s2 / n - mean.square()).clamp_min(1e-8) + float(cfg.noise_std) ** 2
+    density = UnconditionalGaussian(extractor.dim)
+    density.mean.data.copy_(mean.float())
+    density.log_var.data.copy_(var.log().float())
+    params = PreprocessParams.from_dict(read_index(run_dir)["preprocess"])
+    mode = mode or ("scan" if is_context(run_dir) else "window")
+    return Screener.from_parts(extractor, density, tuple(cfg.patch), params, INIT_GAUSSIAN, device=dev,
+                               overlap=overlap, sw_batch=sw_batch, mode=mode)

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 
 PROFILES = ("quick", "demo", "full")
 
@@ -196,7 +196,7 @@ STAGES: dict[str, dict] = {
     "evaluate": {
         "notebook": "06_evaluate",
         "params": {
-            "methods": _p(str, "all", "comma-separated methods (<condition>-<density>, zscore, student) or all"),
+            "methods": _p(str, "all", "comma-separated methods (<condition>-<density>, zscore, init-gaussian, student) or all"),
             "main_method": _p(str, _prof("learned-residual", "learned-residual", "learned-flow"),
                               "the method the end-of-run summary and the figures lead with"),
             "overlap": _p(float, _prof(0.25, 0.25, 0.5), "sliding-window overlap (0.5: the paper's; 0.25: 3.4x fewer windows on CPU)"),
@@ -327,6 +327,18 @@ def resolve(stage: str, namespace: Mapping[str, Any] | None = None, **given: Any
     out["stage"] = stage
     _check_values(out)
     return SimpleNamespace(**out)
+
+
+def resolve_for_run(stage: str, run_dir: str | Path) -> SimpleNamespace:
+    """The configuration of ``stage`` as run ``run_dir`` was asked for it: its ``params.yaml`` (the
+    profile and the overrides the runner recorded; the quick profile when there is none)."""
+    import yaml
+
+    path = Path(run_dir) / "params.yaml"
+    given = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+    if not isinstance(given, dict):
+        raise InputError(path, "a mapping of parameter names to values", type(given).__name__)
+    return resolve(stage, {k: v for k, v in given.items() if k != "run_dir"}, run_dir=str(run_dir))
 
 
 def default_run_dir(profile: str) -> Path:

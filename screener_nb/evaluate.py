@@ -99,7 +99,9 @@ THRESHOLD_RULES = ("dice", "normal_percentile")
 RESULTS_FORMAT = "screener_nb.evaluation/2"
 #: earlier formats :func:`screener_nb.results.load_results` still reads (format 1: dim ``method``)
 READABLE_FORMATS = ("screener_nb.evaluation/1", RESULTS_FORMAT)
-BASELINES = ("zscore",)
+#: reference methods that are not a (condition, density) pair: the raw-intensity z-score and the
+#: random-init descriptor's Gaussian (:mod:`screener_nb.baselines`)
+BASELINES = ("zscore", "init-gaussian")
 CURVE_POINTS = 1000
 #: FROC: thresholds per method (quantiles of its validation maps), smallest region counted (ml)
 FROC_THRESHOLDS = 24
@@ -173,7 +175,8 @@ def zscore_baseline(train_cases: Iterable[Any]) -> ZScoreBaseline:
 
 # --------------------------------------------------------------------------- methods of a run
 def available_methods(run_dir: str | Path) -> list[str]:
-    """Every method a run can evaluate: fitted densities, ``zscore``, ``student`` (when distilled).
+    """Every method a run can evaluate: fitted densities, ``zscore``, ``init-gaussian`` (when the
+    descriptor stage is done), ``student`` (when distilled).
 
     Densities are the folders ``density/<condition>-<density>/model.json``
     (in the order of ``inference.CONDITIONS`` x ``inference.DENSITIES``).
@@ -183,7 +186,7 @@ def available_methods(run_dir: str | Path) -> list[str]:
     run_dir = Path(run_dir)
     out = [method_name(c, d) for c in CONDITIONS for d in DENSITIES
            if (run_dir / "density" / method_name(c, d) / "model.json").is_file()]
-    out += list(BASELINES)
+    out += [b for b in BASELINES if b == "zscore" or (run_dir / "descriptor" / "DONE").exists()]
     if (run_dir / "distill" / "DONE").exists():
         out.append("student")
     return out
@@ -214,12 +217,16 @@ def make_scorer(run_dir: str | Path, method: str, *, device: str = "auto", overl
 
     if method == "zscore":
         return zscore_baseline(load_cohort(run_dir, role="train"))
+    if method == "init-gaussian":
+        from .baselines import init_descriptor_gaussian
+
+        return init_descriptor_gaussian(run_dir, device=device, overlap=overlap, sw_batch=sw_batch)
     from .inference import Screener
 
     if method == "student":
         return Screener.from_run(run_dir, student=True, device=device, overlap=overlap, sw_batch=sw_batch)
     if method.count("-") != 1:
-        raise ConfigError(f"method {method!r}: expected <condition>-<density>, zscore or student")
+        raise ConfigError(f"method {method!r}: expected <condition>-<density>, {', '.join(BASELINES)} or student")
     condition, density = method.split("-")
     return Screener.from_run(run_dir, density, condition, device=device, overlap=overlap, sw_batch=sw_batch)
 
@@ -803,7 +810,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def _source_stamp(run_dir: Path, method: str, overlap: float) -> dict:
     """What a cached map depends on: the producing stage's completion time and the window overlap."""
-    stage = "data" if method == "zscore" else ("distill" if method == "student" else "density")
+    stage = {"zscore": "data", "init-gaussian": "descriptor", "student": "distill"}.get(method, "density")
     done = run_dir / stage / "DONE"
     return {"model": method, "overlap": float(overlap),
             "stage_done_mtime_ns": done.stat().st_mtime_ns if done.exists() else None}
@@ -812,7 +819,7 @@ def _source_stamp(run_dir: Path, method: str, overlap: float) -> dict:
 class MapSource:
     """Maps of a run's cases for several methods: from the resume cache when valid, else computed.
 
-    Density methods are computed together (:class:`JointDensityScorer`), ``zscore`` and
+    Density methods are computed together (:class:`JointDensityScorer`), the baselines and
     ``student`` on their own; models are built on first need, so a fully cached
     stage loads none. Every computed map is first saved (float32, atomically) to
     ``eval/cache/<method>/<case>.npy``; ``get`` returns memory-mapped cache arrays.
@@ -838,8 +845,9 @@ class MapSource:
 
     def _build(self, missing: Sequence[str]) -> None:
         todo = [m for m in missing if m not in self._scorers]
-        dens = [m for m in todo if m not in ("zscore", "student")]
-        for m in [m for m in todo if m in ("zscore", "student")]:
+        solo = (*BASELINES, "student")  # each with its own model: not in the joint pass
+        dens = [m for m in todo if m not in solo]
+        for m in [m for m in todo if m in solo]:
             self._scorers[m] = make_scorer(self.run_dir, m, device=self.device, overlap=self.overlap,
                                            sw_batch=self.sw_batch)
             if isinstance(self._scorers[m], ZScoreBaseline):

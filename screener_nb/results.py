@@ -194,6 +194,43 @@ def run_summary(ds, main: str = "learned-flow") -> pd.DataFrame:
     return df
 
 
+#: notebook 06's ladder: each rung adds one part of Screener to the one above it
+LADDER = (
+    ("zscore", "intensity z-score"),
+    ("init-gaussian", "random-init descriptor + Gaussian"),
+    ("none-gaussian", "SSL descriptor + Gaussian"),
+    ("sincos-gaussian", "+ sin-cos position condition"),
+    ("learned-gaussian", "+ learned condition (instead of sin-cos)"),
+    ("learned-flow", "+ flow (instead of the Gaussian): the paper's Screener"),
+    ("learned-residual", "+ the context's own residual (instead of the descriptor's density)"),
+)
+
+
+def baseline_ladder(ds, metrics: Sequence[str] = ("auroc", "aupro")) -> pd.DataFrame:
+    """The rungs of :data:`LADDER` this run evaluated, in order: pooled ``metrics`` per dataset.
+
+    Rows: ``(rung, method)``; columns: ``(metric label, dataset)``. Rungs the run did not evaluate
+    are left out (a run without a distilled student or a residual density has fewer)."""
+    from .evaluate import METRICS
+
+    labels = dict(zip(METRICS, (str(v) for v in ds.metric_label.values))) if "metric_label" in ds.coords else \
+        {k: k for k in METRICS}
+    unknown = [k for k in metrics if k not in METRICS]
+    if unknown:
+        raise ConfigError(f"baseline ladder: unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
+    names = [str(m) for m in ds.model.values]
+    rows = {}
+    for method, rung in LADDER:
+        if method in names:
+            rows[(rung, method)] = {(labels[k], str(d)): float(ds.pooled.loc[{"dataset": d, "model": method, "metric": k}])
+                                    for k in metrics for d in ds.dataset.values}
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    if len(df):
+        df.index = pd.MultiIndex.from_tuples(df.index, names=["rung", "method"])
+        df.columns = pd.MultiIndex.from_tuples(df.columns, names=["metric", "dataset"])
+    return df
+
+
 # --------------------------------------------------------------------------- the paper-style table
 def paper_table(ds, *, include_paper: bool = True) -> pd.DataFrame:
     """Pooled metrics in the layout of the paper's Tables 2-3, the paper's numbers alongside.

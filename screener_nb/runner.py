@@ -150,9 +150,12 @@ def execute_stage(stage: str, run_dir: Path, params: dict[str, Any], *, timeout:
     # the kernel inherits both (no viewer widgets; progress lines go to the file this process
     # relays to its terminal); this process gets its old values back
     progress_file = out.with_suffix(".progress.log")
-    previous = {k: os.environ.get(k) for k in (HEADLESS_ENV, PROGRESS_ENV)}
+    previous = {k: os.environ.get(k) for k in (HEADLESS_ENV, PROGRESS_ENV, "OMP_WAIT_POLICY")}
     os.environ[HEADLESS_ENV] = "1"
     os.environ[PROGRESS_ENV] = str(progress_file)
+    # OpenMP threads that spin while they wait take a busy machine's last core from the thread that
+    # has work: passive waiting costs a quiet machine little and keeps a loaded one from stalling
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         with Relay(progress_file, emit=lambda line: print(f"  {line}", flush=True)):
             pm.execute_notebook(
@@ -182,8 +185,12 @@ def run(
     force: str | Iterable[str] | None = None,
     param_file: str | Path | None = None,
     progress_bar: bool = False,
+    cell_timeout: int | None = None,
 ) -> Path:
-    """Run the pipeline's notebooks into run directory ``out``; see module docstring."""
+    """Run the pipeline's notebooks into run directory ``out``; see module docstring.
+
+    ``cell_timeout``: seconds any one notebook cell may run (papermill's execution timeout;
+    None: no limit)."""
     t_run = time.perf_counter()
     import yaml
 
@@ -232,7 +239,7 @@ def run(
         record["stages"][stage] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         files.write_json(run_dir / "run.json", record)
         try:
-            nb_out = execute_stage(stage, run_dir, stage_values, progress_bar=progress_bar)
+            nb_out = execute_stage(stage, run_dir, stage_values, timeout=cell_timeout, progress_bar=progress_bar)
         except StageFailed:
             record["stages"][stage]["status"] = "failed"
             files.write_json(run_dir / "run.json", record)

@@ -52,18 +52,14 @@ class PhantomTruth:
 def phantom_truth(run_dir: str | Path, case: Any) -> PhantomTruth:
     """Regenerate phantom ``case`` (a :class:`~screener_nb.data.cohort.PreprocessedCase` of run
     ``run_dir``) from its seed and preprocess its labels and organs like the run's image."""
-    from ..config import resolve
+    from ..config import resolve_for_run
     from .cohort import read_index
     from .phantoms import generate_case
     from .preprocess import PreprocessParams, preprocess, preprocess_label
 
-    import yaml
-
     run_dir = Path(run_dir)
     role, index = phantom_role_index(case.id)
-    params_path = run_dir / "params.yaml"
-    given = (yaml.safe_load(params_path.read_text()) or {}) if params_path.exists() else {}
-    cfg = resolve("data", {k: v for k, v in given.items() if k in ("profile", "seed", "phantom_shape", "phantom_spacing")})
+    cfg = resolve_for_run("data", run_dir)
     raw = generate_case(phantom_seed(cfg.seed, role, index), lesions=role in ("val", "test"),
                         shape=tuple(cfg.phantom_shape), spacing=tuple(cfg.phantom_spacing))
     pre = preprocess(raw.image, PreprocessParams.from_dict(read_index(run_dir)["preprocess"]), label=raw.label)

@@ -65,7 +65,7 @@ def encoder_spec(cfg: Any) -> dict:
     if cfg.stage not in ENCODER_STAGES:
         raise ConfigError(f"stage {cfg.stage!r} has no encoder; expected one of {ENCODER_STAGES}")
     return {"size": cfg.model_size, "in_channels": 2 if cfg.stage == "condition" else 1,
-            "out_channels": cfg.embed_dim}
+            "out_channels": cfg.embed_dim, "seed": cfg.seed}
 
 
 def build_encoder(spec: dict) -> nn.Module:
@@ -121,11 +121,14 @@ def load_encoder(run_dir: str | Path, stage: str, *, trained: bool = True, devic
     """The frozen encoder of a finished (or running) SSL stage, in eval mode.
 
     ``trained=False`` returns the same architecture at its random initialisation
-    (the baseline of the quality figures).
+    (the baseline of the quality figures): the weights training started from
+    (:func:`make_model` seeds with the stage's seed before building the encoder).
     """
     folder = Path(run_dir) / stage
     spec = files.read_json(folder / "model.json")
-    encoder = build_encoder(spec)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(int(spec.get("seed", 0)))
+        encoder = build_encoder(spec)
     if trained:
         ckpt = load_checkpoint(folder)
         state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}

@@ -189,6 +189,41 @@ def test_training_learns_to_find_a_strong_lesion(quick_run, tmp_path):
     assert untrained < 0.8 and trained > untrained + 0.1, (lesion, trained, untrained)
 
 
+def test_random_init_descriptor_gaussian_baseline(quick_run):
+    """``init-gaussian``: the descriptor at its initialisation (not the trained weights) and the
+    maximum-likelihood diagonal Gaussian of its pooled body cells (numpy) plus the training noise."""
+    import torch
+
+    from screener_nb import config
+    from screener_nb.baselines import init_descriptor_gaussian
+    from screener_nb.data.cohort import load_cohort
+    from screener_nb.inference import body_cells
+    from screener_nb.ssl.task import load_encoder, make_model
+
+    screener = init_descriptor_gaussian(quick_run, device="cpu", n_fit=6)
+    assert screener.method == "init-gaussian"
+    trained = load_encoder(quick_run, "descriptor")
+    # the weights the descriptor's training started from
+    start = make_model(config.resolve_for_run("descriptor", quick_run)).encoder.state_dict()
+    got = screener.extractor.descriptor.state_dict()
+    for name, w in start.items():
+        assert torch.equal(got[name], w)
+    assert any(not torch.equal(got[n], w) for n, w in trained.state_dict().items() if w.is_floating_point())
+    cfg = config.resolve_for_run("density", quick_run)
+    cells = []
+    for case in load_cohort(quick_run, role="train"):  # 4 training scans, all used (n_fit=6)
+        x = torch.from_numpy(np.array(case.image, dtype=np.float32))[None, None]
+        y, _ = screener.extractor.scan_features(x, cfg.patch, cfg.overlap)
+        cells.append(y[0].numpy()[:, body_cells(case.body, cfg.pool_stride)].astype(np.float64))
+    cells = np.concatenate(cells, 1)
+    np.testing.assert_allclose(screener.density.mean.detach().numpy(), cells.mean(1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.exp(screener.density.log_var.detach().numpy()),
+                               cells.var(1) + cfg.noise_std ** 2, rtol=1e-3)
+    case = load_cohort(quick_run, role="test")[0]
+    scores = screener.score_preprocessed(np.asarray(case.image), np.asarray(case.body), case.spacing)
+    assert scores.shape == np.shape(case.image) and np.isfinite(scores).all()
+
+
 def test_evaluation_results_and_report(quick_run):
     from screener_nb.results import load_results
 

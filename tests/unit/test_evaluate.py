@@ -270,11 +270,13 @@ def test_available_methods_and_selection(tmp_path):
         files.write_json(run / "density" / name / "model.json", {})
     (run / "density" / "sincos-flow").mkdir()  # no model.json: an interrupted fit
     assert E.available_methods(run) == ["none-gaussian", "learned-flow", "zscore"]
+    files.mark_done(run, "descriptor")  # the random-init descriptor's Gaussian needs its architecture
+    assert E.available_methods(run) == ["none-gaussian", "learned-flow", "zscore", "init-gaussian"]
     files.mark_done(run, "distill")
     assert E.available_methods(run)[-1] == "student"
-    assert E.resolve_methods(run, "all") == ["none-gaussian", "learned-flow", "zscore", "student"]
+    assert E.resolve_methods(run, "all") == ["none-gaussian", "learned-flow", "zscore", "init-gaussian", "student"]
     assert E.resolve_methods(run, " zscore, learned-flow") == ["zscore", "learned-flow"]
-    with pytest.raises(ConfigError, match=r"sincos-flow.*known: none-gaussian, learned-flow, zscore, student"):
+    with pytest.raises(ConfigError, match=r"sincos-flow.*known: none-gaussian, learned-flow, zscore, init-gaussian, student"):
         E.resolve_methods(run, "zscore,sincos-flow")
 
 

@@ -121,6 +121,23 @@ def test_run_summary_puts_the_best_other_method_beside_the_main_one():
         R.run_summary(ds, main="sincos-flow")
 
 
+def test_baseline_ladder_orders_the_rungs_and_skips_missing_ones():
+    ds = fake_results({("phantoms", "learned-flow"): [0.9, 0.7, 0.6, 0.3, 0.5],
+                       ("phantoms", "zscore"): [0.6, 0.2, 0.1, 0.05, 0.1],
+                       ("phantoms", "student"): [0.85, 0.6, 0.5, 0.2, 0.3],
+                       ("phantoms", "init-gaussian"): [0.55, 0.2, 0.15, 0.05, 0.1],
+                       ("samples", "none-gaussian"): [0.7, 0.5, 0.4, math.nan, 0.2]})
+    t = R.baseline_ladder(ds)
+    # in the ladder's order (zscore, random init, SSL descriptor, ..., flow); the student is not a rung
+    assert [m for _, m in t.index] == ["zscore", "init-gaussian", "none-gaussian", "learned-flow"]
+    assert t.loc[("random-init descriptor + Gaussian", "init-gaussian"), ("AUROC", "phantoms")] == 0.55
+    assert t.loc[("SSL descriptor + Gaussian", "none-gaussian"), ("AUPRO@0.3", "samples")] == 0.4
+    assert math.isnan(t.loc[("intensity z-score", "zscore"), ("AUROC", "samples")])
+    assert list(dict.fromkeys(c[0] for c in t.columns)) == ["AUROC", "AUPRO@0.3"]
+    with pytest.raises(ConfigError, match="unknown metric"):
+        R.baseline_ladder(ds, metrics=("auc",))
+
+
 def test_the_run_ends_with_the_summary_table(tmp_path, capsys):
     from screener_nb.runner import print_summary
 
