@@ -127,6 +127,13 @@ class FeatureExtractor(nn.Module):
             return y, self._context(x.to(dev))
         return y, pooled_map(self.condition_encoder, x, patch, self.pool_stride, overlap, sw_batch).to(dev)
 
+    def scan_condition(self, x: torch.Tensor) -> torch.Tensor:
+        """The context condition (1, C, x, y, z) of a whole scan ``x`` (1, 1, X, Y, Z) without the
+        descriptor (what the residual density reads); only for the context condition."""
+        if not self.context:
+            raise ConfigError(f"scan_condition: the context condition only, found condition {self.condition_kind!r}")
+        return self._context(x.to(next(self.descriptor.parameters()).device))
+
     def sincos(self, origin_mm: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(B, sincos_dim, *grid) position codes of the pooled cells of crops starting at ``origin_mm`` (B, 3)."""
         from .models.encodings import sincos_condition_map
@@ -416,12 +423,16 @@ def scan_scores(extractor: FeatureExtractor, densities: dict, x: torch.Tensor, p
     from .models.residual import ResidualDensity
 
     extractors = extractors or {m: extractor for m in densities}
+    # the residual density reads the context's prediction only: no descriptor pass when all are residual
+    only_residual = all(isinstance(d, ResidualDensity) for d in densities.values())
     y, conds = None, {}
     out = {}
     for m, density in densities.items():
         ext = extractors[m]
         key = (ext.condition_kind, id(ext.condition_encoder))
-        if key not in conds:
+        if key not in conds and only_residual:
+            conds[key] = ext.scan_condition(x)
+        elif key not in conds:
             y, conds[key] = ext.scan_features(x, patch, overlap, sw_batch, y=y)
         if isinstance(density, ResidualDensity):
             nll = density.score(coarse_cells(x, ext.pool_stride)[0], conds[key][0],

@@ -139,6 +139,23 @@ def test_density_models_and_anomaly_maps(quick_run):
     assert len(spec["fitted_on"]) == 4 and all(0 < s < 10 for s in spec["scale"])
 
 
+def test_residual_map_alone_equals_the_joint_pass(quick_run):
+    """Scored alone, the residual skips the descriptor pass; its map equals the one scored with the
+    descriptor's densities in one joint pass."""
+    from screener_nb.data.cohort import load_cohort
+    from screener_nb.evaluate import JointDensityScorer
+    from screener_nb.inference import Screener
+
+    case = load_cohort(quick_run, role="test")[0]
+    alone = Screener.from_run(quick_run, density="residual", device="cpu")
+    joint = JointDensityScorer({m: Screener.from_run(quick_run, density=m.split("-")[1], device="cpu")
+                                for m in ("learned-gaussian", "learned-residual")})
+    together = joint.score_all(case.image, case.body, case.spacing)
+    np.testing.assert_allclose(alone.score_preprocessed(case.image, case.body, case.spacing),
+                               together["learned-residual"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(together["learned-gaussian"], together["learned-residual"])
+
+
 def strongest_lesion_auroc(run: Path, method: str) -> tuple[str, float]:
     """Voxel AUROC (sklearn) of the test cases' strongest lesion (largest |contrast| in HU, from the
     data stage's lesion table) against the healthy body voxels of its scan, under ``method``."""

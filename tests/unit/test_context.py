@@ -145,6 +145,12 @@ def test_batch_norm_network_reads_a_whole_grid_in_one_pass():
     whole = net.condition_map(coarse, window=None)
     monai = net.condition_map(coarse, window=(32, 32, 32), overlap=0.0)
     torch.testing.assert_close(whole, monai, rtol=1e-5, atol=1e-5)
+    # the passes batched together (the default, 2) or one by one: the same map
+    one = net.condition_map(coarse, window=None, centred=True, pass_batch=1)
+    torch.testing.assert_close(net.condition_map(coarse, window=None, centred=True, pass_batch=8), one,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net.condition_map(coarse, window=(32, 32, 32), overlap=0.0, centred=True), one,
+                               rtol=1e-5, atol=1e-5)
     assert any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
     assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
 

@@ -515,7 +515,7 @@ def test_stage_on_a_tiny_real_run(tmp_path):
     cfg = config.resolve("evaluate", run_dir=str(run), device="cpu")
     ds = E.run_evaluation(cfg, progress=None)
     assert list(ds.model.values) == ["none-gaussian", "none-flow", "sincos-gaussian", "sincos-flow",
-                                      "learned-gaussian", "learned-flow", "zscore"]
+                                      "learned-gaussian", "learned-flow", "zscore", "init-gaussian"]
     test = load_cohort(run, role="test")
     assert ds.sizes["case"] == len(test) == 2 and set(ds.case_dataset.values) == {"phantoms"}
     lesions = json.loads((run / "data" / "lesions.json").read_text())
@@ -523,9 +523,13 @@ def test_stage_on_a_tiny_real_run(tmp_path):
         assert float(ds.lesion_volume_ml.sel(case=c.id)) == pytest.approx(sum(x["volume_ml"] for x in lesions[c.id]))
         assert float(ds.lesion_contrast_hu.sel(case=c.id)) == pytest.approx(np.mean([x["contrast_hu"] for x in lesions[c.id]]))
     originals = {cid: image for cid, _, image, _, _ in _phantom_cases(dcfg)}
-    for method in ("learned-flow", "sincos-gaussian"):
+    from screener_nb.baselines import init_descriptor_gaussian
+
+    for method in ("learned-flow", "sincos-gaussian", "init-gaussian"):
         cond, dens = method.split("-")
-        screener = Screener.from_run(run, dens, cond, device="cpu", overlap=cfg.overlap, sw_batch=cfg.sw_batch)
+        screener = (init_descriptor_gaussian(run, device="cpu", overlap=cfg.overlap, sw_batch=cfg.sw_batch)
+                    if method == "init-gaussian" else
+                    Screener.from_run(run, dens, cond, device="cpu", overlap=cfg.overlap, sw_batch=cfg.sw_batch))
         c = test[0]
         user = screener.anomaly_map(originals[c.id], progress=False)
         stored = nib.load(run / "eval" / "maps" / method / f"{c.id}.nii.gz")
