@@ -80,11 +80,11 @@ import numpy as np
 from screener_nb.data.cohort import load_cohort
 from screener_nb.data.phantom_truth import phantom_seed
 from screener_nb.data.phantoms import generate_case
-from screener_nb.viz.plots import histogram_by_class, orthogonal_slices
+from screener_nb.viz.plots import histogram_by_class, lesion_centre, orthogonal_slices
 
 test_cases = [c for c in load_cohort(cfg.run_dir, role="test") if c.label is not None and c.label.any()]
 case = test_cases[0]
-centre = tuple(int(v) for v in np.argwhere(case.label > 0).mean(0))
+centre = lesion_centre(case.label)
 print(case)
 raw = None
 if case.id == "phantom-test-000":

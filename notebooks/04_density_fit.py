@@ -101,7 +101,7 @@ loss_curves({"step": steps_axis, **nll}, title="training NLL per descriptor dime
 # %% papermill_description=anomaly-maps
 from screener_nb.data.cohort import load_cohort
 from screener_nb.inference import Screener
-from screener_nb.viz.plots import histogram_by_class, orthogonal_slices
+from screener_nb.viz.plots import histogram_by_class, lesion_centre, orthogonal_slices
 
 test_cases = [c for c in load_cohort(cfg.run_dir, role="test") if c.label is not None and c.label.any()]
 shown = [c for c in test_cases if c.dataset == "phantoms"][:1] + [c for c in test_cases if "lidc" in c.id][:1]
@@ -112,7 +112,7 @@ screener = Screener.from_run(cfg.run_dir, density=density, condition=condition, 
                              overlap=cfg.overlap)
 maps = {c.id: screener.score_preprocessed(c.image, c.body, c.spacing) for c in shown}
 for c in shown:
-    centre = tuple(int(v) for v in np.argwhere(c.label > 0).mean(0))
+    centre = lesion_centre(c.label)
     orthogonal_slices(np.asarray(c.image), overlay=maps[c.id], label=c.label, center=centre, spacing=c.spacing,
                       overlay_threshold=float(np.quantile(maps[c.id][np.asarray(c.body)], 0.95)),
                       title=f"{c.id}: {best} anomaly map (top 5% of body voxels), lesion outline in green").show()

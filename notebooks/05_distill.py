@@ -165,12 +165,12 @@ summary_table(comparison).round(3)
 # %%
 import numpy as np
 
-from screener_nb.viz.plots import orthogonal_slices
+from screener_nb.viz.plots import lesion_centre, orthogonal_slices
 
 shown = next(c for c in test_cases if c.id in maps)
 t_map, s_map = maps[shown.id]["teacher"], maps[shown.id]["student"]
 body = np.asarray(shown.body)
-centre = tuple(int(v) for v in np.argwhere(np.asarray(shown.label) > 0).mean(0))
+centre = lesion_centre(shown.label)
 threshold = float(np.quantile(t_map[body], 0.95))
 value_range = (threshold, float(np.quantile(t_map[body], 0.999)))
 for name, m in (("teacher", t_map), ("student", s_map)):
@@ -180,23 +180,10 @@ for name, m in (("teacher", t_map), ("student", s_map)):
                       ).show()
 
 # %%
-import plotly.graph_objects as go
+from screener_nb.viz.plots import grouped_bars, score_scatter
 
-rng = np.random.default_rng(cfg.seed)
-lesion = (np.asarray(shown.label) > 0)[body]
-pick = rng.choice(body.sum(), size=min(4000, int(body.sum())), replace=False)
-pick = np.union1d(pick, np.flatnonzero(lesion)[:500])  # make sure lesion voxels are visible
-tv, sv = t_map[body][pick], s_map[body][pick]
-fig = go.Figure([go.Scattergl(x=tv[~lesion[pick]], y=sv[~lesion[pick]], mode="markers", name="normal",
-                              marker=dict(size=3, opacity=0.3)),
-                 go.Scattergl(x=tv[lesion[pick]], y=sv[lesion[pick]], mode="markers", name="lesion",
-                              marker=dict(size=4, color="crimson"))])
-lo, hi = float(tv.min()), float(tv.max())
-fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line=dict(dash="dash", color="gray")))
-fig.update_layout(title=f"{shown.id}: student vs teacher score per body voxel "
-                        f"(Pearson r = {np.corrcoef(tv, sv)[0, 1]:.3f})",
-                  xaxis_title="teacher score", yaxis_title="student score", height=420)
-fig
+score_scatter(t_map[body], s_map[body], (np.asarray(shown.label) > 0)[body], seed=cfg.seed,
+              title=f"{shown.id}: student vs teacher score per body voxel")
 
 # %% [markdown]
 # ## Low-shot fine-tuning: does distillation help supervised training?
@@ -233,12 +220,10 @@ fold_table.loc["mean over cases"] = [ft["mean_dice"][i] for i in fold_table.colu
 fold_table.round(3)
 
 # %%
-cases_axis = list(ft["fold_of_case"])
-fig = go.Figure([go.Bar(name=f"{init} init", x=[f"{c} (fold {ft['fold_of_case'][c]})" for c in cases_axis],
-                        y=[ft["dice"][init][c] for c in cases_axis]) for init in ft["inits"]])
-fig.update_layout(barmode="group", yaxis_title="Dice at p >= 0.5", yaxis_range=[0, 1], height=380,
-                  title=f"fine-tuned on k = {ft['k']} cases per fold, {ft['steps']} steps: Dice per held-out case")
-fig
+grouped_bars({f"{init} init": {c: ft["dice"][init][c] for c in ft["fold_of_case"]} for init in ft["inits"]},
+             labels={c: f"{c} (fold {fold})" for c, fold in ft["fold_of_case"].items()},
+             y_title="Dice at p >= 0.5", y_range=(0, 1),
+             title=f"fine-tuned on k = {ft['k']} cases per fold, {ft['steps']} steps: Dice per held-out case")
 
 # %%
 test = ft["test"]

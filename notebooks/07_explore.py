@@ -37,7 +37,7 @@ device = "auto"  # unused here
 seed = 0  # unused here
 interactive = None  # show the interactive viewer (None: yes in JupyterLab, no under papermill)
 case = ""  # case id to open (empty: the first evaluation case)
-method = ""  # method whose map is shown first (empty: the best by pooled AUROC)
+method = ""  # method whose map is shown first (empty: the run's main method)
 backend = "auto"  # viewer backend: auto | itk | offline
 
 # %%
@@ -51,17 +51,17 @@ print(config.as_dict(cfg))
 # The evaluation stage stored, for every test case and every method, the map on the
 # preprocessed grid (`eval/maps_pre/`, compact, for this notebook) and on the scan's
 # own grid (`eval/maps/*.nii.gz`, for 3D Slicer or ITK-SNAP). By default we open the
-# first test case and put the best method (pooled AUROC) first.
+# first test case and put the run's main method first (the table ranks them all).
 
 # %%
 import numpy as np
 import pandas as pd
 
-from screener_nb.results import load_case_maps, load_results
+from screener_nb.results import display_thresholds, load_case_maps, load_results, main_method
 
 results = load_results(cfg.run_dir)
 auroc = results["pooled"].sel(metric="auroc").mean("dataset").to_series().sort_values(ascending=False)
-best = cfg.method or str(auroc.index[0])
+best = cfg.method or main_method(results)  # the run's main method unless a method is asked for
 loaded = load_case_maps(cfg.run_dir, cfg.case or None)
 if best not in loaded.anomaly_maps:
     raise ValueError(f"method {best!r} has no map for case {loaded.id}; available: {sorted(loaded.anomaly_maps)}")
@@ -77,15 +77,15 @@ auroc.rename("pooled voxel AUROC (mean over datasets)").round(3).to_frame()
 # **validation** cases in notebook 06 (never on this case).
 
 # %%
-from screener_nb.viz.plots import orthogonal_slices
+from screener_nb.viz.plots import lesion_centre, orthogonal_slices
 
 maps = loaded.anomaly_maps
 label = loaded.label
 amap = maps[best]
-threshold = float(results["threshold"].sel({"model": best})) if "threshold" in results else float(
-    np.quantile(amap[np.asarray(loaded.body)], 0.99))
+thresholds = display_thresholds(results, maps, loaded.body)
+threshold = thresholds[best]
 if label is not None and label.any():
-    centre = tuple(int(v) for v in np.argwhere(label > 0).mean(0).round())
+    centre = lesion_centre(label)
 else:
     centre = tuple(int(v) for v in np.unravel_index(int(np.argmax(amap)), amap.shape))
 orthogonal_slices(loaded.image, overlay=amap, label=label, center=centre, spacing=loaded.spacing,
@@ -126,9 +126,6 @@ from screener_nb.viz.plots import slices_grid
 
 names = list(maps)
 body = np.asarray(loaded.body, bool)
-thresholds = {m: (float(results["threshold"].sel({"model": m})) if "threshold" in results
-                  and m in results["threshold"].model else float(np.quantile(maps[m][np.asarray(loaded.body)], 0.99)))
-              for m in names}
 slices_grid([loaded.image] * len(names), titles=names, plane="axial", index=centre[2], spacing=loaded.spacing,
             # each map in units of its own spread above its own threshold, so one colour scale fits all
             overlays=[(maps[m] - thresholds[m]) / (maps[m][body].std() + 1e-12) for m in names],

@@ -211,7 +211,7 @@ STAGES: dict[str, dict] = {
         "params": {
             "interactive": _p(bool, None, "show the interactive viewer (None: detect; never in a headless run)"),
             "case": _p(str, "", "case id to open ('' = the first evaluation case)"),
-            "method": _p(str, "", "method whose map to show ('' = the best one)"),
+            "method": _p(str, "", "method whose map to show first ('' = the run's main method)"),
             "backend": _p(str, "auto", "viewer backend", ("auto", "itk", "offline")),
         },
     },
@@ -226,10 +226,6 @@ def stage_params(stage: str) -> dict[str, Param]:
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; known stages: {', '.join(STAGE_ORDER)}")
     return {**COMMON, **STAGES[stage]["params"]}
-
-
-def all_param_names() -> set[str]:
-    return set(COMMON).union(*(spec["params"] for spec in STAGES.values()))
 
 
 def _coerce(name: str, value: Any, param: Param) -> Any:

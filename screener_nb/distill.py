@@ -151,9 +151,7 @@ def teacher_maps(run_dir: str | Path, cases: Sequence, *, teacher: str = "learne
         if m.shape != case.shape or not np.isfinite(m).all():
             raise InputError(f"teacher map of case {case.id}", f"a finite float map of shape {case.shape}",
                              f"shape {m.shape}, {int((~np.isfinite(m)).sum())} non-finite values")
-        with files.atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, m)
+        files.save_npy(path, m)
         if progress:
             progress(f"[distill] teacher map {case.id} ({i + 1}/{len(cases)}) {case.shape} in {time.perf_counter() - t0:.1f} s")
         out[case.id] = np.load(path, mmap_mode="r")

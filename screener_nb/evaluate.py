@@ -802,12 +802,6 @@ def _map_paths(eval_dir: Path, method: str, case_id: str) -> dict[str, Path]:
             "pre": eval_dir / "maps_pre" / method / f"{case_id}.npy"}
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with files.atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-
 def _source_stamp(run_dir: Path, method: str, overlap: float) -> dict:
     """What a cached map depends on: the producing stage's completion time and the window overlap."""
     stage = {"zscore": "data", "init-gaussian": "descriptor", "student": "distill"}.get(method, "density")
@@ -887,7 +881,7 @@ class MapSource:
                     fresh = {m: np.asarray(scorer.score_preprocessed(case.image, case.body, case.spacing),
                                            dtype=np.float32)}
                 for n, arr in fresh.items():
-                    _save_npy(paths[n]["cache"], arr)
+                    files.save_npy(paths[n]["cache"], arr)
                     done.add(n)
             dt = time.perf_counter() - t0
             self.seconds += dt
@@ -907,7 +901,7 @@ class MapSource:
                 if m in missing or not p["nifti"].is_file():
                     write_nifti(to_original_volume(np.asarray(maps[m]), case.record, mode="linear"), p["nifti"])
                 if m in missing or not p["pre"].is_file():
-                    _save_npy(p["pre"], np.asarray(maps[m]).astype(np.float16))
+                    files.save_npy(p["pre"], np.asarray(maps[m]).astype(np.float16))
         return maps
 
     @staticmethod

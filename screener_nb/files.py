@@ -75,6 +75,16 @@ def torch_save(obj: Any, path: str | Path) -> Path:
     return Path(path)
 
 
+def save_npy(path: str | Path, array: Any) -> Path:
+    """``numpy.save`` made atomic: a reader finds the old array or the new one, never a part."""
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(array))
+    return Path(path)
+
+
 def torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
     """Load a checkpoint written by :func:`torch_save`, with a clear error if it is corrupt."""
     import torch

@@ -162,6 +162,19 @@ def main_method(ds) -> str:
     return names[0]
 
 
+def display_thresholds(ds, maps: dict, body) -> dict[str, float]:
+    """The threshold each map of ``maps`` (method -> (X, Y, Z) scores) is shown at: its Dice
+    threshold chosen on the validation cases (the results' ``threshold``) where the results have
+    a finite one, else the 99th percentile of the map inside ``body`` (a run without validation
+    cases)."""
+    body = np.asarray(body, bool)
+    chosen = {}
+    if "threshold" in ds:
+        chosen = {str(m): float(v) for m, v in zip(ds.model.values, np.asarray(ds["threshold"].values, float))}
+    return {m: chosen[m] if math.isfinite(chosen.get(m, math.nan)) else float(np.quantile(np.asarray(a)[body], 0.99))
+            for m, a in maps.items()}
+
+
 def run_summary(ds, main: str = "learned-flow") -> pd.DataFrame:
     """The end-of-run table: per dataset, the ``main`` method's pooled AUROC, AUROC@fpr,
     AUPRO@fpr and Dice, and the other method with the highest pooled AUROC beside it.

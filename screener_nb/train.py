@@ -427,11 +427,3 @@ def _memory_mb(device: torch.device) -> dict:
     if device.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
-
-
-def is_trained(out_dir: str | Path, steps: int) -> bool:
-    """Whether ``out_dir`` holds a checkpoint that reached ``steps``."""
-    path = Path(out_dir) / CHECKPOINT
-    if not path.exists():
-        return False
-    return int(files.torch_load(path).get("step", 0)) >= steps

@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..files import atomic_path, read_json, write_json
+from ..files import read_json, save_npy, write_json
 from .preprocess import Preprocessed, PreprocessParams, bbox_of, to_original_grid
 from .volume import Volume
 
@@ -121,10 +121,10 @@ def write_case(data_dir: str | Path, case_id: str, preprocessed: Preprocessed, l
     case_dir = Path(data_dir) / "cases" / case_id
     case_dir.mkdir(parents=True, exist_ok=True)
     (case_dir / META_FILE).unlink(missing_ok=True)
-    _save_npy(case_dir / "image.npy", image)
-    _save_npy(case_dir / "body.npy", body)
+    save_npy(case_dir / "image.npy", image)
+    save_npy(case_dir / "body.npy", body)
     if label is not None:
-        _save_npy(case_dir / "label.npy", label)
+        save_npy(case_dir / "label.npy", label)
     else:
         (case_dir / "label.npy").unlink(missing_ok=True)  # a stale label of an earlier write
     meta = {
@@ -277,12 +277,6 @@ def _load_case_dir(case_dir: Path, entry: dict | None = None) -> PreprocessedCas
         source=meta.get("source"), sha256=meta.get("sha256"), params=meta.get("params", {}),
         path=case_dir,
     )
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
 
 
 def _check_id(case_id: str, where) -> None:

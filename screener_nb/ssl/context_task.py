@@ -26,16 +26,18 @@ from ..errors import ConfigError, InputError
 from ..train import TrainResult, TrainSettings, fit, load_checkpoint
 
 
-def scan_grids(case: Any, descriptor: nn.Module, patch, stride, overlap: float = 0.25, sw_batch: int = 2) -> dict:
-    """Whole-scan grids of one preprocessed case: ``y`` (D, x, y, z) pooled descriptor,
-    ``coarse`` (2, x, y, z) cell mean / std of the image, ``body`` (x, y, z) bool (cells at
-    least half inside the body)."""
+def scan_grids(case: Any, descriptor: nn.Module | None, patch, stride, overlap: float = 0.25, sw_batch: int = 2) -> dict:
+    """Whole-scan grids of one preprocessed case: ``y`` (D, x, y, z) pooled descriptor (only with a
+    ``descriptor``: a context regressing the intensities needs none), ``coarse`` (2, x, y, z) cell
+    mean / std of the image, ``body`` (x, y, z) bool (cells at least half inside the body)."""
     from ..inference import body_cells, pooled_map
     from ..models.context import coarse_image
 
     x = torch.from_numpy(np.array(case.image, dtype=np.float32))[None, None]
-    y = pooled_map(descriptor, x, patch, stride, overlap, sw_batch)[0]
-    return {"y": y, "coarse": coarse_image(x, stride)[0], "body": torch.from_numpy(body_cells(case.body, stride))}
+    out = {"coarse": coarse_image(x, stride)[0], "body": torch.from_numpy(body_cells(case.body, stride))}
+    if descriptor is not None:
+        out["y"] = pooled_map(descriptor, x, patch, stride, overlap, sw_batch)[0]
+    return out
 
 
 def _crop(t: torch.Tensor, start: Sequence[int], size: Sequence[int]) -> torch.Tensor:
@@ -105,7 +107,8 @@ def train_context(cfg: Any, *, callback: Callable[[dict], None] | None = None,
     cases = load_cohort(cfg.run_dir, role="train")
     if not cases:
         raise InputError(Path(cfg.run_dir) / "data", "at least one training case", "none")
-    descriptor = load_encoder(cfg.run_dir, "descriptor")
+    # the descriptor's grids only when the context regresses them
+    descriptor = load_encoder(cfg.run_dir, "descriptor") if cfg.context_target == "descriptor" else None
     stride = tuple(cfg.pool_stride)
     grids = [scan_grids(c, descriptor, tuple(cfg.descriptor_patch), stride) for c in cases]
     for g in grids:  # the target: the descriptor, or the cell intensities the network also sees
@@ -157,10 +160,11 @@ def context_maps(run_dir: str | Path, case: Any, *, trained: bool = True) -> tup
 
     net = load_context(run_dir, trained=trained)
     spec = net.spec
-    descriptor = load_encoder(run_dir, "descriptor")
+    target = spec.get("target", "descriptor")
+    descriptor = load_encoder(run_dir, "descriptor") if target == "descriptor" else None
     mean, std = torch.tensor(spec["y_mean"]), torch.tensor(spec["y_std"])
     g = scan_grids(case, descriptor, tuple(spec["descriptor_patch"]), tuple(spec["pool_stride"]))
-    y = (context_target(g, spec.get("target", "descriptor")) - mean[:, None, None, None]) / std[:, None, None, None]
+    y = (context_target(g, target) - mean[:, None, None, None]) / std[:, None, None, None]
     c = net.condition_map(g["coarse"][None], window=net.window, centred=net.centred)[0, :net.dim]  # not its variance
     return y.numpy(), c.numpy()
 

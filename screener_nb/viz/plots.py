@@ -58,6 +58,30 @@ LABEL_COLOR = "#00e676"
 
 
 # ----------------------------------------------------------------------------- helpers
+def lesion_centre(label: np.ndarray) -> tuple[int, int, int]:
+    """A voxel inside the largest connected lesion (26-connectivity), near its centroid.
+
+    The lesion voxel nearest the component's centroid, so the point lies in the lesion even
+    when the lesion is not convex (a ring or a C shape, whose centroid is outside it).
+
+    Args:
+        label: (X, Y, Z) mask, > 0 = lesion.
+
+    Raises:
+        InputError: the label has no lesion voxel.
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(label) > 0
+    if not mask.any():
+        raise InputError("label", "at least one lesion voxel", "an empty mask")
+    comp, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(comp.ravel())[1:]
+    pts = np.argwhere(comp == 1 + int(np.argmax(sizes)))
+    nearest = pts[np.argmin(((pts - pts.mean(0)) ** 2).sum(1))]
+    return tuple(int(v) for v in nearest)
+
+
 def _as_array(a, where: str, *, ndim: int | tuple[int, ...] | None = None) -> np.ndarray:
     """numpy view of an array-like (numpy, torch tensor, Volume with ``.array``)."""
     if hasattr(a, "array") and not isinstance(a, np.ndarray):  # screener_nb Volume
@@ -685,6 +709,46 @@ _OFFLINE_LOADER = """<script>
 })();
 </script>"""
 
+
+
+def score_scatter(x_scores, y_scores, lesion, *, x_title: str = "teacher score", y_title: str = "student score",
+                  title: str = "", n_normal: int = 4000, n_lesion: int = 500, seed: int = 0) -> go.Figure:
+    """Two maps' scores per voxel, one against the other: ``x_scores``, ``y_scores`` and ``lesion``
+    are flat arrays over the same voxels (e.g. the body voxels of one case). Plots a random
+    ``n_normal`` of the voxels plus up to ``n_lesion`` lesion voxels (so they are visible), the
+    lesion voxels in red, the diagonal, and Pearson's r of the plotted voxels in the title."""
+    x, y = np.ravel(np.asarray(x_scores, float)), np.ravel(np.asarray(y_scores, float))
+    lesion = np.ravel(np.asarray(lesion, bool))
+    if not (x.shape == y.shape == lesion.shape) or x.size < 2:
+        raise InputError("score_scatter", "two score arrays and a lesion mask of one length (>= 2)",
+                         f"lengths {x.size}, {y.size}, {lesion.size}")
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(x.size, size=min(n_normal, x.size), replace=False)
+    pick = np.union1d(pick, np.flatnonzero(lesion)[:n_lesion])
+    xv, yv, lv = x[pick], y[pick], lesion[pick]
+    fig = go.Figure([go.Scattergl(x=xv[~lv], y=yv[~lv], mode="markers", name="normal", marker=dict(size=3, opacity=0.3)),
+                     go.Scattergl(x=xv[lv], y=yv[lv], mode="markers", name="lesion", marker=dict(size=4, color="crimson"))])
+    lo, hi = float(xv.min()), float(xv.max())
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line=dict(dash="dash", color="gray")))
+    r = float(np.corrcoef(xv, yv)[0, 1])
+    fig.update_layout(title=f"{title} (Pearson r = {r:.3f})" if title else f"Pearson r = {r:.3f}",
+                      xaxis_title=x_title, yaxis_title=y_title, height=420)
+    return fig
+
+
+def grouped_bars(values: Mapping[str, Mapping[str, float]], *, labels: Mapping[str, str] | None = None,
+                 y_title: str = "", title: str = "", y_range=None) -> go.Figure:
+    """One group of bars per x key, one bar per series: ``values[series][x]`` (x keys in the order of
+    the first series; ``labels`` renames them on the axis)."""
+    if not values:
+        raise InputError("grouped_bars", "at least one series", "none")
+    xs = list(next(iter(values.values())))
+    names = [labels.get(x, x) if labels else x for x in xs]
+    fig = go.Figure([go.Bar(name=str(series), x=names, y=[vals.get(x, np.nan) for x in xs])
+                     for series, vals in values.items()])
+    fig.update_layout(barmode="group", yaxis_title=y_title, title=title, height=380,
+                      **({"yaxis_range": list(y_range)} if y_range is not None else {}))
+    return fig
 
 def _gzip_b64(text: str) -> str:
     import base64

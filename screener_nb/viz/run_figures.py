@@ -19,33 +19,10 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError
+from .plots import lesion_centre
 
 #: the curves drawn beside the main method, where the run has them
 CURVE_BASELINES = ("none-gaussian", "sincos-gaussian", "zscore")
-
-
-def lesion_centre(label: np.ndarray) -> tuple[int, int, int]:
-    """A voxel inside the largest connected lesion (26-connectivity), near its centroid.
-
-    The lesion voxel nearest the component's centroid, so the point lies in the lesion even
-    when the lesion is not convex (a ring or a C shape, whose centroid is outside it).
-
-    Args:
-        label: (X, Y, Z) mask, > 0 = lesion.
-
-    Raises:
-        InputError: the label has no lesion voxel.
-    """
-    from scipy import ndimage
-
-    mask = np.asarray(label) > 0
-    if not mask.any():
-        raise InputError("label", "at least one lesion voxel", "an empty mask")
-    comp, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    sizes = np.bincount(comp.ravel())[1:]
-    pts = np.argwhere(comp == 1 + int(np.argmax(sizes)))
-    nearest = pts[np.argmin(((pts - pts.mean(0)) ** 2).sum(1))]
-    return tuple(int(v) for v in nearest)
 
 
 def _main_method(ds, method: str | None) -> str:

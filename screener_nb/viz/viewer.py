@@ -73,7 +73,8 @@ def dice_and_sensitivity(anomaly_map, label, threshold: float, roi=None) -> dict
         roi: optional (X, Y, Z) bool mask; voxels outside count as neither.
 
     Returns:
-        dict with ``dice`` (1.0 when both prediction and label are empty),
+        dict with ``dice`` (NaN when both prediction and label are empty: undefined, the rule
+        of :func:`screener_nb.metrics.dice`, which raises there),
         ``sensitivity`` (NaN without lesion voxels), ``n_above``, ``n_label``,
         ``n_overlap`` (voxel counts). Without a label only ``n_above`` is meaningful
         (Dice and sensitivity are NaN).
@@ -92,7 +93,7 @@ def dice_and_sensitivity(anomaly_map, label, threshold: float, roi=None) -> dict
     n_label = int(np.count_nonzero(gt))
     n_overlap = int(np.count_nonzero(pred & gt))
     denom = n_above + n_label
-    dice = 1.0 if denom == 0 else 2.0 * n_overlap / denom
+    dice = float("nan") if denom == 0 else 2.0 * n_overlap / denom
     sens = float("nan") if n_label == 0 else n_overlap / n_label
     return dict(dice=float(dice), sensitivity=float(sens), n_above=n_above, n_label=n_label, n_overlap=n_overlap)
 
@@ -456,7 +457,8 @@ class _ThresholdModel:
         if self.label is None:
             return f"{head}: {above} &middot; no ground truth"
         sens = "n/a" if np.isnan(st["sensitivity"]) else f"{st['sensitivity']:.3f}"
-        return f"{head}: Dice {st['dice']:.3f} &middot; sensitivity {sens} &middot; {above}"
+        dice = "undefined (no lesion, nothing flagged)" if np.isnan(st["dice"]) else f"{st['dice']:.3f}"
+        return f"{head}: Dice {dice} &middot; sensitivity {sens} &middot; {above}"
 
     # -- events ----------------------------------------------------------------
     def _on_threshold(self, change) -> None:

@@ -121,6 +121,20 @@ def test_run_summary_puts_the_best_other_method_beside_the_main_one():
         R.run_summary(ds, main="sincos-flow")
 
 
+def test_display_thresholds_fall_back_to_the_99th_percentile():
+    ds = fake_results({("phantoms", "a"): [0.9, 0.7, 0.6, 0.3, 0.5], ("phantoms", "b"): [0.6, 0.2, 0.1, 0.05, 0.1]})
+    ds["threshold"] = (("model",), np.array([2.5, np.nan]))  # b had no validation case
+    rng = np.random.default_rng(0)
+    maps = {"a": rng.random((10, 10, 10)), "b": rng.random((10, 10, 10)), "c": rng.random((10, 10, 10))}
+    body = np.zeros((10, 10, 10), bool)
+    body[2:8] = True
+    got = R.display_thresholds(ds, maps, body)
+    assert got["a"] == 2.5
+    for m in ("b", "c"):  # no finite threshold / not in the results: 99 % of the body voxels lie below it
+        inside = np.sort(maps[m][body])
+        assert np.mean(inside <= got[m]) == pytest.approx(0.99, abs=1 / inside.size)
+
+
 def test_baseline_ladder_orders_the_rungs_and_skips_missing_ones():
     ds = fake_results({("phantoms", "learned-flow"): [0.9, 0.7, 0.6, 0.3, 0.5],
                        ("phantoms", "zscore"): [0.6, 0.2, 0.1, 0.05, 0.1],

@@ -72,7 +72,13 @@ def test_dice_and_sensitivity_hand_computed(tiny):
     r = viewer.dice_and_sensitivity(amap, label, 19.5 / 24, roi.reshape(amap.shape))
     assert r["dice"] == pytest.approx(6 / 7)
     empty = viewer.dice_and_sensitivity(amap, np.zeros_like(label), 2.0)
-    assert empty["dice"] == 1.0 and np.isnan(empty["sensitivity"])
+    # two empty masks: undefined, as metrics.dice has it (there it raises)
+    assert np.isnan(empty["dice"]) and np.isnan(empty["sensitivity"]) and empty["n_above"] == 0
+    from screener_nb.errors import InputError
+    from screener_nb.metrics import dice
+
+    with pytest.raises(InputError, match="two empty masks"):
+        dice(amap, np.zeros_like(label), 2.0)
 
 
 # ----------------------------------------------------------------------------- offline viewer
