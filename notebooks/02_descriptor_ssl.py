@@ -101,6 +101,7 @@ loss_curves(log, keys=[k for k in ("loss", "invariance", "variance", "covariance
 # *effective rank* of their covariance (how many dimensions are really used, out of d).
 
 # %%
+from screener_nb.data.crops import centre_slices
 from screener_nb.ssl.quality import collapse_monitors
 from screener_nb.ssl.task import load_encoder
 
@@ -110,7 +111,7 @@ loss_curves(log, keys=[k for k in ("feature_std", "feature_rank") if k in log], 
 encoder = load_encoder(cfg.run_dir, "descriptor")
 random_encoder = load_encoder(cfg.run_dir, "descriptor", trained=False)
 probe = held_out[0]
-crop = tuple(slice(max(0, s // 2 - p // 2), max(0, s // 2 - p // 2) + p) for s, p in zip(probe.shape, cfg.patch))
+crop = centre_slices(probe.shape, cfg.patch)
 mon = {"trained": collapse_monitors(encoder, np.asarray(probe.image)[crop], np.asarray(probe.body)[crop]),
        "random init": collapse_monitors(random_encoder, np.asarray(probe.image)[crop], np.asarray(probe.body)[crop])}
 import pandas as pd

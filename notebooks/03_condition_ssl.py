@@ -155,6 +155,7 @@ loss_curves(log, keys=[k for k in ("loss", "invariance", "variance", "covariance
 import pandas as pd
 
 if cfg.condition_model == "masked_unet":
+    from screener_nb.data.crops import centre_slices
     from screener_nb.ssl.quality import central_block, dense_features, masking_invariance
     from screener_nb.ssl.task import load_encoder
     from screener_nb.viz.plots import pca_rgb
@@ -163,7 +164,7 @@ if cfg.condition_model == "masked_unet":
     desc = load_encoder(cfg.run_dir, "descriptor")
     cond_random = load_encoder(cfg.run_dir, "condition", trained=False)
     probe = held_out[0]
-    crop = tuple(slice(max(0, s // 2 - p // 2), max(0, s // 2 - p // 2) + p) for s, p in zip(probe.shape, cfg.patch))
+    crop = centre_slices(probe.shape, cfg.patch)
     image = np.asarray(probe.image)[crop]
     block = central_block(image.shape, cfg.mask_grid)
     quality = {name: masking_invariance(enc, image, block)

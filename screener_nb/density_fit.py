@@ -22,26 +22,11 @@ from torch import nn
 
 from . import files
 from .config import split_list
+from .data.crops import random_crop
 from .errors import ConfigError, InputError
 from .inference import FeatureExtractor, body_cells, check_method, method_name
 from .progress import report
 from .train import CHECKPOINT, LOG, TrainSettings, read_log_rows, write_log_rows, fit, load_checkpoint, model_signature
-
-
-def random_crop(image: np.ndarray, body: np.ndarray, patch, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A ``patch``-sized crop (zero-padded where the scan is smaller) centred
-    near a random body voxel. Returns (crop (X, Y, Z) float32, start voxel (3,))."""
-    patch = np.asarray(patch)
-    shape = np.asarray(image.shape)
-    step = max(1, body.size // 200_000)  # a strided subset of body voxels is plenty to pick a centre
-    body_idx = np.flatnonzero(np.asarray(body).ravel()[::step])
-    centre = np.array(np.unravel_index(int(rng.choice(body_idx)) * step, body.shape))
-    start = np.clip(centre - patch // 2 + rng.integers(-(patch // 4), patch // 4 + 1), 0, np.maximum(shape - patch, 0))
-    crop = np.zeros(tuple(patch), np.float32)
-    sl = tuple(slice(s, min(s + p, n)) for s, p, n in zip(start, patch, shape))
-    region = np.asarray(image[sl], dtype=np.float32)
-    crop[tuple(slice(0, r) for r in region.shape)] = region
-    return crop, start
 
 
 class SharedFeatures(nn.Module):

@@ -272,23 +272,6 @@ class TargetTransform:
 # ============================================================================ crops
 
 
-def take_crop(array: np.ndarray, start, patch, fill: float = 0.0, dtype=np.float32) -> np.ndarray:
-    """``array[start : start + patch]`` (X, Y, Z), ``fill``-padded where the array is smaller
-    (the same window as :func:`screener_nb.density_fit.random_crop` returns for the image)."""
-    out = np.full(tuple(int(p) for p in patch), fill, dtype)
-    sl = tuple(slice(int(s), min(int(s) + int(p), n)) for s, p, n in zip(start, patch, array.shape))
-    region = np.asarray(array[sl], dtype=dtype)
-    out[tuple(slice(0, r) for r in region.shape)] = region
-    return out
-
-
-def centred_start(centre, shape, patch, rng: np.random.Generator) -> np.ndarray:
-    """Start of a ``patch`` window around ``centre`` (jittered by up to a quarter patch), inside the volume."""
-    patch, shape = np.asarray(patch), np.asarray(shape)
-    jitter = rng.integers(-(patch // 4), patch // 4 + 1)
-    return np.clip(np.asarray(centre) - patch // 2 + jitter, 0, np.maximum(shape - patch, 0))
-
-
 class DistillTask:
     """:class:`screener_nb.train.TrainTask`: random crop -> transformed teacher map (body-masked MSE).
 
@@ -301,7 +284,7 @@ class DistillTask:
         self.transform = transform
 
     def sample(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        from .density_fit import random_crop
+        from .data.crops import random_crop, take_crop
 
         case = self.cases[int(rng.integers(len(self.cases)))]
         crop, start = random_crop(case.image, case.body, self.patch, rng)

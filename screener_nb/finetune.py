@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from . import files
-from .distill import STAGE, build_student, centred_start, check_patch, labelled_cases, load_student_unet, student_spec, take_crop
+from .data.crops import centred_start, random_crop, take_crop
+from .distill import STAGE, build_student, check_patch, labelled_cases, load_student_unet, student_spec
 from .errors import ConfigError, InputError
 from .progress import report
 from .runtime import resolve_device
@@ -103,8 +104,6 @@ class SegmentationTask:
         self.criterion = DiceCELoss(sigmoid=True, batch=True)
 
     def sample(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        from .density_fit import random_crop
-
         i = int(rng.integers(len(self.cases)))
         case, lesion = self.cases[i], self.lesions[i]
         if len(lesion) and rng.random() < self.lesion_p:
