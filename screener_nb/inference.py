@@ -104,9 +104,7 @@ class FeatureExtractor(nn.Module):
     def _context(self, x: torch.Tensor) -> torch.Tensor:
         from .models.context import coarse_image
 
-        net = self.condition_encoder
-        return net.condition_map(coarse_image(x.float(), self.pool_stride), window=net.window,
-                                 centred=getattr(net, "centred", False)).to(x.device)
+        return self.condition_encoder.scan_condition(coarse_image(x.float(), self.pool_stride)).to(x.device)
 
     def scan_features(self, x: torch.Tensor, patch, overlap: float = 0.25, sw_batch: int = 2,
                       y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -32,6 +32,7 @@ Shapes: grids are (B, C, x, y, z) cells; ``stride`` is (3, 3, 2) voxels per cell
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -150,6 +151,36 @@ class ContextNet(nn.Module):
         for n, s in reversed(list(zip(grid, target))):
             pad += [0, s - n]
         return F.pad(t, pad), tuple(grid)
+
+    #: ``(folder, stamp)`` where :meth:`scan_condition` memoises maps (set by the run's loader), or None
+    map_cache: tuple | None = None
+
+    @torch.no_grad()
+    def scan_condition(self, coarse: torch.Tensor) -> torch.Tensor:
+        """:meth:`condition_map` of a whole scan's coarse grid (1, 2, x, y, z) with the network's own
+        inference settings (``self.window``, ``self.centred``). With :attr:`map_cache` set, each
+        map is computed once and kept on disk, keyed by the grid's bytes, those settings and the
+        weights' stamp: a run's stages score the same scans, and masked inference is the costly
+        part of a context run."""
+        window, centred = getattr(self, "window", (32, 32, 32)), bool(getattr(self, "centred", False))
+        if self.map_cache is None:
+            return self.condition_map(coarse, window=window, centred=centred)
+        import hashlib
+
+        from .. import files
+
+        folder, stamp = self.map_cache
+        grid = coarse.detach().float().cpu().contiguous()
+        key = hashlib.sha1(grid.numpy().tobytes() + repr((tuple(grid.shape), window, centred, stamp)).encode()).hexdigest()
+        path = Path(folder) / f"{key}.pt"
+        if path.is_file():
+            try:
+                return files.torch_load(path).to(coarse.device)
+            except InputError:  # a damaged cache file is recomputed
+                pass
+        out = self.condition_map(coarse, window=window, centred=centred)
+        files.torch_save(out.detach().cpu(), path)
+        return out
 
     @torch.no_grad()
     def condition_map(self, coarse: torch.Tensor, window=(32, 32, 32), overlap: float = 0.25,

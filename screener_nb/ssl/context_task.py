@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import files
 from ..errors import ConfigError, InputError
-from ..train import TrainResult, TrainSettings, fit, load_checkpoint
+from ..train import CHECKPOINT, TrainResult, TrainSettings, fit, load_checkpoint
 
 
 def scan_grids(case: Any, descriptor: nn.Module | None, patch, stride, overlap: float = 0.25, sw_batch: int = 2) -> dict:
@@ -139,6 +139,9 @@ def load_context(run_dir: str | Path, *, trained: bool = True, device: str | tor
                        heteroscedastic=spec.get("heteroscedastic", False), norm=norm)
     if trained:
         load_checkpoint(folder, model)
+        # the trained network's scan maps are memoised for the run's later stages (keyed by the weights' file)
+        ckpt = folder / CHECKPOINT
+        model.map_cache = (folder / "map_cache", f"{ckpt.stat().st_mtime_ns}-{ckpt.stat().st_size}")
     model.spec = {**spec, "out_channels": model.out_channels}
     # frozen batch statistics make the network window-independent: one pass over the whole grid
     model.window = None if norm == "batch" else (int(spec["window"]),) * 3
@@ -165,7 +168,7 @@ def context_maps(run_dir: str | Path, case: Any, *, trained: bool = True) -> tup
     mean, std = torch.tensor(spec["y_mean"]), torch.tensor(spec["y_std"])
     g = scan_grids(case, descriptor, tuple(spec["descriptor_patch"]), tuple(spec["pool_stride"]))
     y = (context_target(g, target) - mean[:, None, None, None]) / std[:, None, None, None]
-    c = net.condition_map(g["coarse"][None], window=net.window, centred=net.centred)[0, :net.dim]  # not its variance
+    c = net.scan_condition(g["coarse"][None])[0, :net.dim]  # not its variance
     return y.numpy(), c.numpy()
 
 

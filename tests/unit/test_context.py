@@ -158,3 +158,29 @@ def test_batch_norm_network_reads_a_whole_grid_in_one_pass():
 def test_context_rejects_an_unknown_norm():
     with pytest.raises(ConfigError, match="context norm"):
         ContextNet(dim=2, norm="layer")
+
+
+def test_scan_condition_memoises_maps_per_grid_and_weights(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    net = ContextNet(dim=2, size="tiny", block=4, norm="batch").eval()
+    net.window, net.centred = None, True
+    coarse = torch.rand(1, 2, 20, 18, 16)
+    plain = net.scan_condition(coarse)  # no cache: the map itself
+    torch.testing.assert_close(plain, net.condition_map(coarse, window=None, centred=True))
+    net.map_cache = (tmp_path / "cache", "weights-1")
+    first = net.scan_condition(coarse)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    torch.testing.assert_close(first, plain)
+    calls = []
+    real = net.condition_map
+    monkeypatch.setattr(net, "condition_map", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.testing.assert_close(net.scan_condition(coarse), plain)
+    assert calls == []  # read from the cache
+    net.scan_condition(coarse + 0.01)  # another scan
+    net.map_cache = (tmp_path / "cache", "weights-2")  # other weights
+    net.scan_condition(coarse)
+    assert len(calls) == 2 and len(list((tmp_path / "cache").glob("*.pt"))) == 3
+    for f in (tmp_path / "cache").glob("*.pt"):  # a damaged file is recomputed, not an error
+        f.write_bytes(b"not a tensor")
+    torch.testing.assert_close(net.scan_condition(coarse), plain)
+    assert len(calls) == 3
