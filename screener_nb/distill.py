@@ -50,6 +50,7 @@ from torch import nn
 
 from . import files
 from .errors import ConfigError, InputError
+from .methods import Method
 from .progress import report
 from .runtime import resolve_device
 from .train import TrainSettings, fit, load_checkpoint
@@ -78,13 +79,8 @@ def teacher_cache_key(run_dir: Path, teacher: str, overlap: float) -> dict:
 
 def split_teacher(teacher: str, name: str = "teacher") -> tuple[str, str]:
     """``"learned-flow" -> ("learned", "flow")``; a clear error naming parameter ``name`` otherwise."""
-    from .inference import check_method
-
-    parts = str(teacher).split("-")
-    if len(parts) != 2:
-        raise ConfigError(f"parameter {name!r}: expected <condition>-<density> (e.g. learned-flow), found {teacher!r}")
-    check_method(*parts)
-    return parts[0], parts[1]
+    m = Method.parse(teacher, name)
+    return m.condition, m.density
 
 
 def run_teacher(run_dir: str | Path, teacher: str = "learned-flow", device: str | torch.device = "auto",

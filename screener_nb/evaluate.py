@@ -179,13 +179,12 @@ def available_methods(run_dir: str | Path) -> list[str]:
     descriptor stage is done), ``student`` (when distilled).
 
     Densities are the folders ``density/<condition>-<density>/model.json``
-    (in the order of ``inference.CONDITIONS`` x ``inference.DENSITIES``).
+    (in the order of :meth:`~screener_nb.methods.Method.all`).
     """
-    from .inference import CONDITIONS, DENSITIES, method_name
+    from .methods import Method
 
     run_dir = Path(run_dir)
-    out = [method_name(c, d) for c in CONDITIONS for d in DENSITIES
-           if (run_dir / "density" / method_name(c, d) / "model.json").is_file()]
+    out = [str(m) for m in Method.all() if (run_dir / "density" / str(m) / "model.json").is_file()]
     out += [b for b in BASELINES if b == "zscore" or (run_dir / "descriptor" / "DONE").exists()]
     if (run_dir / "distill" / "DONE").exists():
         out.append("student")
@@ -225,10 +224,12 @@ def make_scorer(run_dir: str | Path, method: str, *, device: str = "auto", overl
 
     if method == "student":
         return Screener.from_run(run_dir, student=True, device=device, overlap=overlap, sw_batch=sw_batch)
+    from .methods import Method
+
     if method.count("-") != 1:
         raise ConfigError(f"method {method!r}: expected <condition>-<density>, {', '.join(BASELINES)} or student")
-    condition, density = method.split("-")
-    return Screener.from_run(run_dir, density, condition, device=device, overlap=overlap, sw_batch=sw_batch)
+    m = Method.parse(method)
+    return Screener.from_run(run_dir, m.density, m.condition, device=device, overlap=overlap, sw_batch=sw_batch)
 
 
 # --------------------------------------------------------------------------- per-case lesion description

@@ -26,29 +26,12 @@ from torch import nn
 from . import files
 from .data.volume import Volume
 from .errors import ConfigError, InputError
+from .methods import CONDITIONS, DENSITIES, Method, check_method, method_name  # noqa: F401 (the public vocabulary)
 from .runtime import autocast, resolve_device
 
-CONDITIONS = ("none", "sincos", "learned")
-#: ``residual``: the context condition's own predictive density of the cell intensities
-#: (:mod:`screener_nb.models.residual`); only with the ``learned`` context condition
-DENSITIES = ("gaussian", "flow", "residual")
 #: ``window``: the paper's -- the density inside each window, only the score map stitched;
 #: ``scan``: pooled descriptor and condition of the whole scan, then the density once per cell
 INFERENCE_MODES = ("window", "scan")
-
-
-def method_name(condition: str, density: str) -> str:
-    return f"{condition}-{density}"
-
-
-def check_method(condition: str, density: str) -> None:
-    if condition not in CONDITIONS:
-        raise ConfigError(f"unknown condition {condition!r}; known: {', '.join(CONDITIONS)}")
-    if density not in DENSITIES:
-        raise ConfigError(f"unknown density {density!r}; known: {', '.join(DENSITIES)}")
-    if density == "residual" and condition != "learned":
-        raise ConfigError(f"density 'residual' is the learned context condition's own prediction: "
-                          f"expected condition 'learned', found {condition!r}")
 
 
 class FeatureExtractor(nn.Module):
