@@ -132,7 +132,7 @@ histogram_by_class(maps[c.id], c.label > 0, roi=np.asarray(c.body), title=f"{c.i
 # (notebook 06 does the full evaluation, with every metric of the paper.)
 
 # %% papermill_description=quick-auroc
-from screener_nb.evaluate import JointDensityScorer
+from screener_nb.joint_scoring import JointDensityScorer
 from screener_nb.metrics import voxel_auroc
 
 preview = test_cases[:3]  # a preview on a few cases keeps this cell short

@@ -163,7 +163,7 @@ ds["threshold"].to_series().rename("Dice threshold (validation cases)").to_frame
 # tool has to work.
 
 # %%
-from screener_nb.evaluate import curve_figures
+from screener_nb.viz.eval_figures import curve_figures
 
 for fig in curve_figures(ds).values():
     fig.show()
@@ -176,7 +176,7 @@ for fig in curve_figures(ds).values():
 # lesions are where methods differ.
 
 # %%
-from screener_nb.evaluate import contrast_coordinate, scatter_figure
+from screener_nb.viz.eval_figures import contrast_coordinate, scatter_figure
 
 scatter_figure(ds, "lesion_volume_ml").show()
 scatter_figure(ds, contrast_coordinate(ds)).show()
@@ -194,7 +194,8 @@ scatter_figure(ds, contrast_coordinate(ds)).show()
 # and averages those seven sensitivities (LUNA16's CPM).
 
 # %%
-from screener_nb.evaluate import froc_figures, froc_frame
+from screener_nb.results import froc_frame
+from screener_nb.viz.eval_figures import froc_figures
 
 for fig in froc_figures(ds).values():
     fig.show()
@@ -213,7 +214,7 @@ froc_frame(ds).round(3)
 # tissue it has not seen).
 
 # %%
-from screener_nb.evaluate import operating_frame
+from screener_nb.results import operating_frame
 
 print(f"{int(ds.attrs['n_calib_cases'])} healthy calibration scan(s), rate {ds.attrs['calibration_rate']:g}")
 operating_frame(ds).round(4)
@@ -225,7 +226,8 @@ operating_frame(ds).round(4)
 # its validation threshold.
 
 # %% papermill_description=gallery
-from screener_nb.evaluate import best_method, gallery_figure
+from screener_nb.results import best_method
+from screener_nb.viz.eval_figures import gallery_figure
 
 best = best_method(ds)
 gallery = gallery_figure(cfg.run_dir, ds, best)
@@ -240,7 +242,7 @@ else:
 # reason, never 0.5.
 
 # %%
-from screener_nb.evaluate import per_case_frame
+from screener_nb.results import per_case_frame
 
 per_case_frame(ds).round(3)
 

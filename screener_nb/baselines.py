@@ -1,5 +1,6 @@
 """Reference scores beside the Screener methods: what they bound or what they improve on.
 
+* :class:`ZScoreBaseline` (``zscore``): the raw-intensity z-score of the body voxels.
 * :class:`OracleResidual`: the residual density of :mod:`screener_nb.models.residual`
   with the *oracle* condition of :mod:`screener_nb.models.oracle` (the phantom's
   known organ map) in place of the learned context: an upper bound of what a
@@ -12,9 +13,10 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -132,3 +134,49 @@ def init_descriptor_gaussian(run_dir: str | Path, *, n_fit: int = 6, device: str
     mode = mode or ("scan" if is_context(run_dir) else "window")
     return Screener.from_parts(extractor, density, tuple(cfg.patch), params, INIT_GAUSSIAN, device=dev,
                                overlap=overlap, sw_batch=sw_batch, mode=mode)
+
+
+@dataclass(frozen=True)
+class ZScoreBaseline:
+    """Raw-intensity baseline: score = |x - mean| / std of preprocessed body intensities.
+
+    The absolute value because pathology can be brighter (nodules, contrast-
+    enhancing tumours) or darker (hypodense liver and kidney tumours, ground-glass
+    against soft tissue) than normal tissue: a signed z-score would rank one of
+    the two kinds as the most normal voxels of all. ``mean``/``std`` are pooled
+    over every body voxel of the training cases (one number each for the whole
+    body, lungs and soft tissue together: that is what makes it a weak
+    baseline -- it knows intensities, not anatomy).
+    Same interface as :class:`~screener_nb.inference.Screener`.
+    """
+
+    mean: float
+    std: float
+    method: str = "zscore"
+
+    def score_preprocessed(self, image: np.ndarray, body: np.ndarray, spacing=None, **_: Any) -> np.ndarray:
+        """(X, Y, Z) float32 map; outside the body set to the map's minimum (as Screener does)."""
+        image = np.asarray(image, dtype=np.float32)
+        body = np.asarray(body, dtype=bool)
+        if body.shape != image.shape:
+            raise InputError("zscore baseline", f"a body mask of the image's shape {image.shape}", f"shape {body.shape}")
+        score = np.abs(image - np.float32(self.mean)) / np.float32(self.std)
+        if body.any():
+            score[~body] = score[body].min()
+        return score.astype(np.float32, copy=False)
+
+
+def zscore_baseline(train_cases: Iterable[Any]) -> ZScoreBaseline:
+    """Fit :class:`ZScoreBaseline` on training cases (objects with ``.image``, ``.body``), streaming."""
+    n, s, ss = 0, 0.0, 0.0
+    for c in train_cases:
+        body = np.asarray(c.body, dtype=bool)
+        v = np.asarray(c.image)[body].astype(np.float64)
+        n, s, ss = n + v.size, s + float(v.sum()), ss + float(np.dot(v, v))
+    if n < 2:
+        raise InputError("zscore baseline", "training cases with body voxels", f"{n} body voxel(s)")
+    mean = s / n
+    std = math.sqrt(max(ss / n - mean * mean, 0.0))
+    if not std > 0:
+        raise InputError("zscore baseline", "training intensities that vary", f"a constant body intensity {mean:g}")
+    return ZScoreBaseline(mean, std)

@@ -182,6 +182,11 @@ STAGES: dict[str, dict] = {
             "target": _p(str, "quantile", "student's regression target: the teacher map's Gaussianised rank "
                          "(quantile) or its z-score (standard)", ("quantile", "standard")),
             "student_size": _p(str, _prof("tiny", "tiny", "paper"), "student UNet size", ("tiny", "small", "paper")),
+            # quick / demo: on the teacher's cell grid (the map has no finer detail; ~18x fewer positions)
+            "student_grid": _p(str, _prof("cells", "cells", "voxels"), "where the student predicts: voxels (a "
+                               "full-resolution UNet, the paper's) | cells (strided stem, UNet on the density grid, "
+                               "upsampled)", ("voxels", "cells")),
+            "pool_stride": _p(tuple, (3, 3, 2), "the density grid's cells (voxels per cell; the cell student's stem)"),
             "patch": _p(tuple, _prof((48, 48, 32), (48, 48, 32), (96, 96, 64)), "crop size (X, Y, Z) voxels"),
             "finetune_k": _p(int, _prof(2, 4, 25), "labelled cases per fine-tuning fold"),
             "teacher_cases": _p(int, _prof(0, 6, 0), "training cases whose teacher maps the student learns from "

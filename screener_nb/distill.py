@@ -15,9 +15,12 @@ voxels of the training cases (:class:`TargetTransform`, stored in
 ``model.json``): by default its Gaussianised rank (``quantile``), so the
 regression is well scaled whatever the teacher's units and is not dominated by
 the heavy upper tail of a flow's -log q; ``standard`` is the plain
-``(map - mean) / std``. The student is
-``build_unet(student_size, 1, 1)`` (one output channel, no activation)
-trained through the shared loop (:func:`screener_nb.train.fit`:
+``(map - mean) / std``. The student
+(:func:`build_student`) is a UNet with one output channel and no activation, either at
+full resolution (``student_grid="voxels"``, the paper's) or on the teacher's own cell grid
+(``"cells"``, the CPU profiles': a strided stem, the UNet on the cells, trilinear
+upsampling -- the teacher's map is itself upsampled from cell scores), trained through the
+shared loop (:func:`screener_nb.train.fit`:
 checkpoints, exact resume, DDP) with MSE to the transformed teacher map on
 random crops.
 
@@ -312,22 +315,65 @@ class ScaledStudent(nn.Module):
         return self.transform.inverse(self.unet(x).float())
 
 
-def build_student(size: str) -> nn.Module:
-    """The student architecture: a full-resolution UNet, 1 input channel, 1 output channel, no activation."""
+#: where the student predicts: ``voxels`` (a full-resolution UNet, the paper's) or ``cells``
+#: (:class:`CellStudent`, on the teacher's cell grid)
+STUDENT_GRIDS = ("voxels", "cells")
+
+
+class CellStudent(nn.Module):
+    """A student on the teacher's cell grid: ``forward(x (B,1,X,Y,Z)) -> (B,1,X,Y,Z)``.
+
+    A strided stem (kernel = stride = the density grid's pooling ``stride``) turns the CT into
+    cells of ``stem_channels`` features, a UNet of ``size`` with one level fewer (the cells
+    already are a coarser grid, and a 48 x 48 x 32 crop is 16^3 cells) predicts one value per cell, and
+    trilinear upsampling (``align_corners=False``, as the teacher's cell scores are upsampled)
+    brings it to the voxels. Every level of the UNet works on ``prod(stride)`` times fewer
+    positions than a full-resolution student: the teacher's map carries no finer detail.
+    Input sides must be multiples of ``self.multiple`` (the stride times the UNet's multiple).
+    """
+
+    def __init__(self, size: str, stride=(3, 3, 2), stem_channels: int = 16):
+        super().__init__()
+        from .models.unet import UNET_SIZES, build_unet
+
+        self.stride = tuple(int(s) for s in stride)
+        self.stem = nn.Conv3d(1, int(stem_channels), kernel_size=self.stride, stride=self.stride)
+        features = tuple(UNET_SIZES[size]["features"])[:-1] if size in UNET_SIZES else None
+        self.unet = build_unet(size, in_channels=int(stem_channels), out_channels=1, features=features)
+        self.multiple = tuple(s * int(self.unet.multiple) for s in self.stride)
+        self.config = {"grid": "cells", "size": size, "stride": list(self.stride), "stem_channels": int(stem_channels),
+                       "unet": self.unet.config}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        cells = self.unet(F.leaky_relu(self.stem(x), 0.01))
+        return F.interpolate(cells, size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)
+
+
+def build_student(size: str, grid: str = "voxels", stride=(3, 3, 2)) -> nn.Module:
+    """The student architecture, 1 input channel, 1 output channel, no activation: a full-resolution
+    UNet of ``size`` (``grid="voxels"``) or a :class:`CellStudent` on cells of ``stride`` voxels."""
     from .models.unet import build_unet
 
-    return build_unet(size, in_channels=1, out_channels=1)
+    if grid == "voxels":
+        return build_unet(size, in_channels=1, out_channels=1)
+    if grid == "cells":
+        return CellStudent(size, stride)
+    raise ConfigError(f"student grid: expected one of {', '.join(STUDENT_GRIDS)}, found {grid!r}")
 
 
 def check_patch(net: nn.Module, patch, name: str = "patch") -> tuple[int, int, int]:
-    """The crop / window size as ints, refused early when the UNet cannot take it."""
+    """The crop / window size as ints, refused early when the network cannot take it."""
     patch = tuple(int(p) for p in patch)
-    multiple = int(getattr(net, "multiple", 1))
-    bad = [f"{'XYZ'[i]}={p}" for i, p in enumerate(patch) if p % multiple]
+    multiple = getattr(net, "multiple", 1)
+    multiples = tuple(int(m) for m in multiple) if isinstance(multiple, (tuple, list)) else (int(multiple),) * 3
+    bad = [f"{'XYZ'[i]}={p}" for i, p in enumerate(patch) if i < 3 and p % multiples[i]]
     if len(patch) != 3 or bad:
-        raise ConfigError(f"parameter {name!r}: expected 3 sizes that are multiples of {multiple} (the "
-                          f"{getattr(net, 'config', {}).get('size', '')} UNet halves the resolution "
-                          f"{multiple.bit_length() - 1} times), found {patch}")
+        what = ("" if multiples[0] == multiples[1] == multiples[2] else " (X, Y, Z)")
+        shown = multiples[0] if not what else multiples
+        raise ConfigError(f"parameter {name!r}: expected 3 sizes that are multiples of {shown}{what} (what the "
+                          f"{getattr(net, 'config', {}).get('size', '')} student's downsampling needs), found {patch}")
     return patch
 
 
@@ -389,7 +435,7 @@ def distill_student(cfg: Any, *, callback: Callable[[dict], None] | None = None,
         split_teacher(cfg.teacher)
         files.require_stage(run_dir, "density")
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg.student_size)  # built first: a bad patch is refused before any teacher pass
+    student = build_student(cfg.student_size, cfg.student_grid, cfg.pool_stride)  # a bad patch is refused before any teacher pass
     check_patch(student, cfg.patch)
     folder = files.stage_dir(run_dir, STAGE)
     settings = TrainSettings.from_config(cfg)
@@ -410,7 +456,8 @@ def distill_student(cfg: Any, *, callback: Callable[[dict], None] | None = None,
     key = files.read_json(folder / MAPS_DIR / "teacher.json")
     transform = TargetTransform.fit(cfg.target, pooled_body_scores(cases, maps, seed=cfg.seed))
 
-    spec = {"size": cfg.student_size, "in_channels": 1, "out_channels": 1, "patch": [int(p) for p in cfg.patch],
+    spec = {"size": cfg.student_size, "grid": cfg.student_grid, "stride": [int(s) for s in cfg.pool_stride],
+            "in_channels": 1, "out_channels": 1, "patch": [int(p) for p in cfg.patch],
             "teacher": cfg.teacher if teacher_fn is None else key.get("teacher", "custom"), "teacher_key": key,
             "target": transform.state(), "loss": f"mse over body voxels of the {cfg.target}-transformed teacher map",
             "train_cases": [c.id for c in cases], "steps": int(cfg.steps), "overlap": overlap}
@@ -418,6 +465,8 @@ def distill_student(cfg: Any, *, callback: Callable[[dict], None] | None = None,
     if model_json.exists() and (folder / "checkpoint.pt").exists():
         old = files.read_json(model_json)
         changed = [k for k in ("teacher_key", "size", "patch", "train_cases") if old.get(k) != spec[k]]
+        if old.get("grid", "voxels") != spec["grid"]:
+            changed.append("grid")
         if old.get("target", {}).get("kind") != cfg.target:
             changed.append("target")
         if changed:
@@ -462,7 +511,7 @@ def load_student_unet(run_dir: str | Path, *, trained: bool = True, seed: int = 
     run_dir = Path(run_dir)
     spec = student_spec(run_dir)
     torch.manual_seed(seed)
-    unet = build_student(spec["size"])
+    unet = build_student(spec["size"], spec.get("grid", "voxels"), spec.get("stride", (3, 3, 2)))
     if trained:
         ckpt_path = run_dir / STAGE / "checkpoint.pt"
         if not ckpt_path.exists():

@@ -197,10 +197,11 @@ def _init_net(init: str, run_dir: Path, size: str | None, seed: int) -> tuple[nn
         unet, spec = load_student_unet(run_dir, seed=seed)
         return unet.requires_grad_(True).train(), spec["size"]
     if init == "random":
-        if size is None:
-            size = student_spec(run_dir)["size"]
+        # the distilled student's architecture where there is one (a given size alone: full resolution)
+        spec = student_spec(run_dir) if size is None or (Path(run_dir) / STAGE / "model.json").exists() else {}
+        size = spec["size"] if size is None else size
         torch.manual_seed(seed)
-        return build_student(size), size
+        return build_student(size, spec.get("grid", "voxels"), spec.get("stride", (3, 3, 2))), size
     raise ConfigError(f"init: expected one of {', '.join(INITS)}, found {init!r}")
 
 

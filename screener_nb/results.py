@@ -1,8 +1,11 @@
-"""Evaluation results: save / load ``eval/metrics.nc``, the paper-style table, ``compare``, maps for the viewer.
+"""Evaluation results: their schema, save / load ``eval/metrics.nc``, tables, ``compare``, maps for the viewer.
 
-* :func:`load` (the reader to use), :func:`save_results` / :func:`load_results`: the ``xr.Dataset`` of
-  :mod:`screener_nb.evaluate` (layout in its docstring) as netCDF (h5netcdf
-  engine), written atomically; loading checks it is ours.
+* The schema (below; :data:`METRICS`, :data:`RESULTS_FORMAT`, :func:`metric_labels`): what
+  :class:`screener_nb.evaluation.Evaluation` produces and every reader reads.
+* :func:`load` (the reader to use), :func:`save_results` / :func:`load_results`: the ``xr.Dataset``
+  as netCDF (h5netcdf engine), written atomically; loading checks it is ours.
+* Tables of a results Dataset: :func:`pooled_frame`, :func:`per_case_frame`, :func:`froc_frame`,
+  :func:`operating_frame`, :func:`run_summary`, :func:`baseline_ladder`; :func:`best_method`.
 * :data:`PAPER_TABLE2`, :data:`PAPER_TABLE3` and :func:`paper_table`: our pooled
   numbers in the layout of the paper's Tables 2-3, with the paper's numbers
   alongside -- for reference only: they are on LIDC, MIDRC, KiTS and LiTS
@@ -10,6 +13,63 @@
 * :func:`main_compare`: ``python -m screener_nb compare runs/a runs/b [--html f]``.
 * :func:`load_case_maps`: one evaluated case with every method's map, for
   :func:`screener_nb.viz.viewer.explore` (``set_run_loader(load_case_maps)``).
+
+Metrics (exact, from :mod:`screener_nb.metrics`; ``metric`` coordinate):
+
+=============  ==============================================================
+``auroc``      voxel AUROC, lesion vs normal body voxels
+``pauroc``     area under the ROC for FPR in [0, max_fpr] divided by max_fpr
+               (the paper's AUROC@0.3; NOT sklearn's McClish-corrected value:
+               a random score gets max_fpr / 2 = 0.15 here, 0.5 there)
+``aupro``      MVTec per-region overlap in 3D (26-connected lesion
+               components), integrated to max_fpr, divided by max_fpr
+``dice``       Dice of ``map >= threshold``, the threshold chosen on the
+               validation cases only (``threshold_rule``), never on the test case
+``best_dice``  best Dice over all thresholds chosen on the evaluated cases
+               themselves: an UPPER BOUND, not a result
+=============  ==============================================================
+
+A metric that is undefined (a case without lesion voxels in the body has no
+AUROC) is NaN and its reason is recorded in ``per_case_note`` / ``pooled_note``
+-- never 0.5.
+
+Results layout (``xr.Dataset``, saved as ``eval/metrics.nc`` with the h5netcdf engine)::
+
+    dims:  case (test cases, cohort order), model (one per method), metric, dataset (pooled groups), curve_point
+    data variables
+      per_case       (case, model, metric)      float64  metrics of each case alone
+      per_case_note  (case, model, metric)      str      why a value is NaN ("" when defined)
+      pooled         (dataset, model, metric)   float64  pooled over the dataset's labelled test
+                                                          cases (one ROC over all their voxels: the paper's protocol)
+      pooled_note    (dataset, model, metric)   str
+      threshold      (model)                    float64  Dice threshold chosen on the validation cases
+      threshold_note (model)                    str
+      n_cases        (dataset)                  int64    labelled test cases pooled per dataset
+      roc_fpr, roc_tpr     (dataset, model, curve_point)   pooled ROC vertices (NaN-padded)
+      pro_fpr, pro_overlap (dataset, model, curve_point)   pooled PRO-curve vertices (NaN-padded)
+    coordinates
+      case_dataset (case)       the case's dataset (named so because ``dataset`` is the pooled dim)
+      lesion_kind (case)        comma-joined lesion kinds ("" without lesion)
+      lesion_volume_ml (case)   summed lesion volume: the phantom's recorded ``volume_ml`` where
+                                every lesion has one, else measured from the label
+      lesion_contrast (case)    measured: mean preprocessed intensity (CLAHE'd [0, 1]) inside the
+                                label minus that of a ``shell_voxels``-thick shell around it (body only)
+      lesion_contrast_hu (case) mean of the phantoms' recorded ``contrast_hu`` (NaN where unknown)
+      n_lesion_voxels (case)    lesion voxels inside the body mask (preprocessed grid)
+      metric_label (metric)     "AUROC", "AUROC@0.3", "AUPRO@0.3", "Dice", "best Dice (upper bound)"
+    attrs: format, run, profile, max_fpr, threshold_rule, threshold_percentile, connectivity,
+           n_val_cases, package, version, timestamp
+
+Selecting a value: the dimension of the methods is ``model`` (``method`` is a keyword
+of xarray's ``.sel``), so ``ds.pooled.sel(dataset="phantoms", model="learned-flow",
+metric="auroc")`` works; :func:`screener_nb.results.load` also reads files of format 1,
+whose dimension was still called ``method``.
+
+Two contrasts: the measured contrast (in preprocessed
+intensity units, comparable across every case) and the phantoms' recorded
+contrast in HU are two coordinates instead of one mixed-unit coordinate.
+Evaluation happens on the preprocessed grid (where the maps are computed and
+the ROI lives); the NIfTI maps on the original grid are for viewing elsewhere.
 """
 from __future__ import annotations
 
@@ -30,6 +90,30 @@ PAPER_DATASETS = ("LIDC", "MIDRC", "KiTS", "LiTS")
 SOURCE_RUN = "this run"
 SOURCE_TABLE2 = "paper Table 2 (other data)"
 SOURCE_TABLE3 = "paper Table 3, ablation (other data)"
+
+#: the metrics of the results (``metric`` coordinate), in the paper's order
+METRICS = ("auroc", "pauroc", "aupro", "dice", "best_dice")
+RESULTS_FORMAT = "screener_nb.evaluation/2"
+#: earlier formats :func:`load_results` still reads (format 1: dim ``method``)
+READABLE_FORMATS = ("screener_nb.evaluation/1", RESULTS_FORMAT)
+#: vertices kept per pooled ROC / PRO curve
+CURVE_POINTS = 1000
+#: the two thresholds the results report Dice and lesion-level detection at
+OPERATING_POINTS = ("validation", "calibrated")
+OPERATING_METRICS = ("dice", "lesion_sensitivity", "fp_per_scan", "normal_flagged")
+#: coordinates along ``case`` and their dtypes (object = str)
+CASE_COORDS = {"case_dataset": object, "lesion_kind": object, "lesion_volume_ml": np.float64,
+               "lesion_contrast": np.float64, "lesion_contrast_hu": np.float64, "n_lesion_voxels": np.int64}
+BEST_DICE_NOTE = ("best Dice is the largest Dice over all thresholds, the threshold being chosen on the "
+                  "evaluated cases' own labels: an UPPER BOUND that no real use can reach, shown only to say how "
+                  "much of the gap to it comes from the threshold. The honest number is Dice, whose threshold "
+                  "comes from the validation cases. Labels are incomplete (only the target pathology is "
+                  "annotated), so both underestimate.")
+
+
+def metric_labels(max_fpr: float = 0.3) -> list[str]:
+    """Display names of :data:`METRICS` (the paper's: AUROC, AUROC@0.3, AUPRO@0.3, Dice)."""
+    return ["AUROC", f"AUROC@{max_fpr:g}", f"AUPRO@{max_fpr:g}", "Dice", "best Dice (upper bound)"]
 
 
 def _paper_frame(rows: dict[str, dict[str, Sequence[float]]]) -> pd.DataFrame:
@@ -95,8 +179,6 @@ def load_results(run_dir: str | Path):
     """
     import xarray as xr
 
-    from .evaluate import READABLE_FORMATS, RESULTS_FORMAT
-
     p = Path(run_dir)
     if not p.exists():
         raise InputError(run_dir, "a run directory", "no such file or directory")
@@ -125,7 +207,7 @@ def load_results(run_dir: str | Path):
 
 
 def load(run_dir: str | Path):
-    """The evaluation results of a run as an ``xr.Dataset`` (layout: :mod:`screener_nb.evaluate`).
+    """The evaluation results of a run as an ``xr.Dataset`` (layout: the module docstring).
 
     ``run_dir`` is a run directory, its ``eval`` folder or the ``metrics.nc`` file itself.
     The methods are the ``model`` dimension, the metrics the ``metric`` dimension, the
@@ -133,12 +215,12 @@ def load(run_dir: str | Path):
 
     >>> import tempfile, types
     >>> import numpy as np
-    >>> from screener_nb import evaluate, results
+    >>> from screener_nb import evaluation, results
     >>> body = np.ones((8, 8, 8), bool)
     >>> label = np.zeros((8, 8, 8), np.uint8); label[2:5, 2:5, 2:5] = 1
     >>> case = types.SimpleNamespace(id="c0", dataset="phantoms", label=label, body=body,
     ...                              image=np.zeros((8, 8, 8), np.float32), spacing=(1.0, 1.0, 1.0))
-    >>> ds = evaluate.evaluate_maps({"learned-flow": {"c0": label + 0.1 * np.arange(512).reshape(8, 8, 8) / 512}},
+    >>> ds = evaluation.evaluate_maps({"learned-flow": {"c0": label + 0.1 * np.arange(512).reshape(8, 8, 8) / 512}},
     ...                             [case], None, [])
     >>> run = Path(tempfile.mkdtemp())
     >>> _ = save_results(ds, run / "eval" / "metrics.nc")
@@ -182,8 +264,6 @@ def run_summary(ds, main: str = "learned-flow") -> pd.DataFrame:
     Rows: datasets; columns: ``(metric label, main)`` then ``"best other"`` (its name) and
     ``(metric label, "best other")``. A ``main`` the run did not evaluate is a ConfigError.
     """
-    from .evaluate import METRICS, metric_labels
-
     methods = [str(m) for m in ds.model.values]
     if main not in methods:
         raise ConfigError(f"run summary: method {main!r} is not in these results (found {', '.join(methods)})")
@@ -224,8 +304,6 @@ def baseline_ladder(ds, metrics: Sequence[str] = ("auroc", "aupro")) -> pd.DataF
 
     Rows: ``(rung, method)``; columns: ``(metric label, dataset)``. Rungs the run did not evaluate
     are left out (a run without a distilled student or a residual density has fewer)."""
-    from .evaluate import METRICS
-
     labels = dict(zip(METRICS, (str(v) for v in ds.metric_label.values))) if "metric_label" in ds.coords else \
         {k: k for k in METRICS}
     unknown = [k for k in metrics if k not in METRICS]
@@ -256,8 +334,6 @@ def paper_table(ds, *, include_paper: bool = True) -> pd.DataFrame:
     Empty cells are NaN. The paper's numbers are on other data: a reference
     for the order of magnitude and the ranking, not a target.
     """
-    from .evaluate import METRICS, metric_labels
-
     labels = dict(zip(METRICS, (str(v) for v in ds.metric_label.values))) if "metric_label" in ds.coords else \
         dict(zip(METRICS, metric_labels(float(ds.attrs.get("max_fpr", 0.3)))))
     paper_labels = dict(zip(METRICS, metric_labels(0.3)))
@@ -298,8 +374,6 @@ def compare_frame(results: dict[str, Any]) -> pd.DataFrame:
     ``results``: run name -> results Dataset (first = reference). Difference groups
     are named "<run> - <first run>".
     """
-    from .evaluate import METRICS
-
     names = list(results)
     first = results[names[0]]
     labels = [str(v) for v in first.metric_label.values] if "metric_label" in first.coords else list(METRICS)
@@ -331,8 +405,6 @@ def compare_figure(results: dict[str, Any]):
     """Grouped bars: one panel per metric, bars per run, x = dataset/method."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-
-    from .evaluate import METRICS
 
     df = compare_frame(results)
     names = list(results)
@@ -468,3 +540,79 @@ def viewer_loader(path: Path, case: str | None = None) -> CaseMaps:
 __all__ = ["PAPER_TABLE2", "PAPER_TABLE3", "TABLE3_METHODS", "CaseMaps", "compare_figure", "compare_frame",
            "load_case_maps", "load_results", "main_compare", "paper_table", "save_results", "styled",
            "viewer_loader"]
+
+
+# --------------------------------------------------------------------------- tables of a results Dataset
+def best_method(ds, metric: str = "auroc") -> str | None:
+    """The method with the highest pooled ``metric`` averaged over datasets (None if all undefined)."""
+    vals = ds.pooled.sel(metric=metric).values  # (dataset, method)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(vals, axis=0) if vals.size else np.array([])
+    if mean.size == 0 or not np.isfinite(mean).any():
+        return None
+    return str(ds.model.values[int(np.nanargmax(mean))])
+
+
+def pooled_frame(ds):
+    """``pooled`` as a DataFrame: rows (dataset, method), columns metric labels."""
+    import pandas as pd
+
+    rows = {}
+    for d in ds.dataset.values:
+        for m in ds.model.values:
+            rows[(str(d), str(m))] = ds.pooled.sel(dict(dataset=d, model=m)).values
+    df = pd.DataFrame.from_dict(rows, orient="index", columns=[str(v) for v in ds.metric_label.values])
+    df.index = pd.MultiIndex.from_tuples(df.index, names=["dataset", "method"]) if len(df) else df.index
+    return df
+
+
+def per_case_frame(ds, metric: str = "auroc"):
+    """One row per case: coordinates, ``metric`` per method, and the notes of undefined values."""
+    import pandas as pd
+
+    df = pd.DataFrame({k: ds[k].values for k in ("case_dataset", "lesion_kind", "n_lesion_voxels",
+                                                  "lesion_volume_ml", "lesion_contrast", "lesion_contrast_hu")},
+                      index=pd.Index(ds.case.values, name="case"))
+    for m in ds.model.values:
+        df[str(m)] = ds.per_case.sel(dict(model=m, metric=metric)).values
+    notes = ["; ".join(sorted({str(n) for n in ds.per_case_note.sel(case=c, metric=metric).values if str(n)}))
+             for c in ds.case.values]
+    df["note"] = notes
+    return df
+
+
+def froc_frame(ds):
+    """Lesion-level sensitivity at 1/8 ... 8 false positives per scan and the CPM: rows (dataset, method)."""
+    import pandas as pd
+
+    rows = {}
+    for d in ds.dataset.values:
+        for m in ds.model.values:
+            v = ds.froc_sensitivity.sel(dataset=d, model=m).values
+            rows[(str(d), str(m))] = [*v, float(ds.froc_cpm.sel(dataset=d, model=m))]
+    cols = [f"{r:g} FP/scan" for r in ds.fp_rate.values] + ["CPM"]
+    df = pd.DataFrame.from_dict(rows, orient="index", columns=cols)
+    df.index = pd.MultiIndex.from_tuples(df.index, names=["dataset", "method"]) if len(df) else df.index
+    return df
+
+
+def operating_frame(ds):
+    """Dice and lesion-level detection at the validation Dice threshold and at the label-free one."""
+    import pandas as pd
+
+    labels = {"dice": "Dice", "lesion_sensitivity": "lesions hit", "fp_per_scan": "FP regions / scan",
+              "normal_flagged": "normal voxels flagged"}
+    rows = {}
+    for d in ds.dataset.values:
+        for m in ds.model.values:
+            rows[(str(d), str(m))] = {(str(p), labels[str(k)]): float(ds.operating.sel(
+                dataset=d, model=m, operating_point=p, operating_metric=k)) for p in ds.operating_point.values
+                for k in ds.operating_metric.values}
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.columns = pd.MultiIndex.from_tuples(df.columns, names=["threshold", "metric"])
+    df.index = pd.MultiIndex.from_tuples(df.index, names=["dataset", "method"]) if len(df) else df.index
+    return df

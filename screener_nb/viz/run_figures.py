@@ -76,7 +76,7 @@ def curves_figure(run_dir: str | Path, methods: Sequence[str] | None = None):
     import plotly.colors
     from plotly.subplots import make_subplots
 
-    from ..evaluate import pooled_curve
+    from .eval_figures import pooled_curve
     from ..results import load_results
     from . import plots
 

@@ -143,7 +143,7 @@ def test_residual_map_alone_equals_the_joint_pass(quick_run):
     """Scored alone, the residual skips the descriptor pass; its map equals the one scored with the
     descriptor's densities in one joint pass."""
     from screener_nb.data.cohort import load_cohort
-    from screener_nb.evaluate import JointDensityScorer
+    from screener_nb.joint_scoring import JointDensityScorer
     from screener_nb.inference import Screener
 
     case = load_cohort(quick_run, role="test")[0]

@@ -83,7 +83,7 @@ def make_run(root, n_train=3, n_test=2, n_val=0, seed=0, blobs=False, shape=SHAP
 
 def distill_cfg(run, **kw):
     base = dict(profile="quick", run_dir=str(run), steps=40, batch=2, patch=PATCH, warmup=4, lr=3e-3,
-                checkpoint_every=100, log_every=5, device="cpu", seed=0)
+                checkpoint_every=100, log_every=5, device="cpu", seed=0, student_grid="voxels")
     base.update(kw)
     return config.resolve("distill", **base)
 
@@ -518,7 +518,8 @@ def test_student_of_a_real_tiny_run_reproduces_the_teacher(tmp_path, capsys):
                                  patch=(32, 32, 32), warmup=3, checkpoint_every=100, log_every=5))
     files.mark_done(run, "density")
     # 400 steps: measured AUROC differences -0.031 after 150 steps, -0.025 after 400 (teacher 0.570)
-    cfg = config.resolve("distill", **common, steps=400, teacher="learned-flow", batch=2, patch=(32, 32, 32), warmup=10, lr=3e-3,
+    cfg = config.resolve("distill", **common, steps=400, teacher="learned-flow", student_grid="voxels", batch=2,
+                         patch=(32, 32, 32), warmup=10, lr=3e-3,
                          checkpoint_every=1000, log_every=20)
     info = distill_student(cfg, progress=None)
     assert info["steps_done"] == 400 and info["teacher"] == "learned-flow"
@@ -592,3 +593,57 @@ def test_teacher_map_cache_is_reused_and_rebuilt_when_the_teacher_changes(tmp_pa
         np.testing.assert_array_equal(first[c.id], again[c.id])
     teacher_maps(run, cases, teacher_fn=teacher, teacher_key="v2")
     assert calls == [c.id for c in cases] * 2  # another teacher: recomputed
+
+
+# ----------------------------------------------------------------------------- the student on cells
+def test_cell_student_predicts_per_cell_and_upsamples_like_the_teacher():
+    """The stem reads each cell's voxels only (a change inside one cell changes that cell's stem
+    features and no other), the UNet works on the cell grid, and the map is the cell grid's
+    trilinear upsampling (torch.nn.functional.interpolate)."""
+    import torch.nn.functional as F
+
+    from screener_nb.distill import CellStudent, build_student, check_patch
+
+    torch.manual_seed(0)
+    net = build_student("tiny", "cells", (3, 3, 2)).eval()
+    assert isinstance(net, CellStudent) and net.multiple == (24, 24, 16)  # 4 levels on the cells
+    x = torch.rand(1, 1, 96, 96, 64)
+    with torch.no_grad():
+        out = net(x)
+        assert out.shape == x.shape
+        cells = net.unet(F.leaky_relu(net.stem(x), 0.01))
+        torch.testing.assert_close(out, F.interpolate(cells, size=(96, 96, 64), mode="trilinear", align_corners=False))
+        assert cells.shape == (1, 1, 32, 32, 32)
+        changed = x.clone()
+        changed[..., 15:18, 30:33, 10:12] += 1.0  # exactly the voxels of cell (5, 10, 5)
+        diff = (net.stem(changed) - net.stem(x)).abs().amax(1)[0]
+    assert diff[5, 10, 5] > 0 and int((diff > 0).sum()) == 1
+    with pytest.raises(ConfigError, match=r"multiples of \(24, 24, 16\)"):
+        check_patch(net, (48, 48, 30))
+    with pytest.raises(ConfigError, match="student grid"):
+        build_student("tiny", "pixels")
+
+
+def test_cell_student_distils_the_teacher(tmp_path):
+    """A cell student on cell-constant teacher maps: held-out error well below its initialisation's."""
+    from screener_nb.models.density import upsample_cells  # the teacher's own upsampling
+
+    run = make_run(tmp_path / "r", n_train=3, n_test=2, shape=(48, 48, 32))
+
+    def cell_teacher(case):  # a smooth map on the cell grid, upsampled as the pipeline's cell scores are
+        t = torch.from_numpy(known_teacher(case)).double()[None, None]
+        cells = torch.nn.functional.avg_pool3d(t, (3, 3, 2), (3, 3, 2))
+        return upsample_cells(cells[:, 0].float(), case.shape, (3, 3, 2))[0].numpy()
+
+    cell_teacher.__name__ = "cell_teacher"
+    info = distill_student(distill_cfg(run, student_grid="cells", patch=(48, 48, 32), steps=60), teacher_fn=cell_teacher,
+                           progress=None)
+    assert info["steps_done"] == 60
+    held_out = load_cohort(run, "test")
+    maps = {c.id: cell_teacher(c) for c in held_out}
+    trained, spec = load_student_unet(run)
+    untrained, _ = load_student_unet(run, trained=False, seed=0)
+    assert spec["grid"] == "cells" and spec["stride"] == [3, 3, 2]
+    transform = student_transform(spec)
+    mse = [heldout_mse(net, held_out, maps, (48, 48, 32), transform, n_crops=4) for net in (trained, untrained)]
+    assert mse[0] < 0.5 * mse[1], mse
