@@ -8,6 +8,8 @@ does the same in fresh subprocesses (peak RSS from ``VmHWM``, :func:`screener_nb
 """
 from __future__ import annotations
 
+import contextlib
+
 import gc
 import json
 import os
@@ -105,6 +107,26 @@ def measure_inference(screener, image: np.ndarray, body: np.ndarray, spacing, *,
     image = np.ascontiguousarray(image, dtype=np.float32)
     body = np.ascontiguousarray(body, dtype=bool)
     dev = getattr(screener, "device", torch.device("cpu"))
+    with uncached(screener):
+        return _measure(screener, image, body, spacing, dev, repeats, warmup)
+
+
+@contextlib.contextmanager
+def uncached(screener):
+    """``screener`` without the run's memoised context maps (:attr:`ContextNet.map_cache`) while
+    the block runs: a timing must pay for the masked inference, not read its result from disk."""
+    net = getattr(getattr(screener, "extractor", None), "condition_encoder", None)
+    saved = getattr(net, "map_cache", None)
+    if saved is not None:
+        net.map_cache = None
+    try:
+        yield screener
+    finally:
+        if saved is not None:
+            net.map_cache = saved
+
+
+def _measure(screener, image, body, spacing, dev, repeats, warmup) -> dict:
     _release_memory()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

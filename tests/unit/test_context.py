@@ -184,3 +184,19 @@ def test_scan_condition_memoises_maps_per_grid_and_weights(tmp_path, monkeypatch
         f.write_bytes(b"not a tensor")
     torch.testing.assert_close(net.scan_condition(coarse), plain)
     assert len(calls) == 3
+
+
+def test_timings_do_not_read_memoised_maps(tmp_path):
+    """student_eval.uncached lifts the map cache for a timing and puts it back."""
+    from types import SimpleNamespace
+
+    from screener_nb.student_eval import uncached
+
+    net = ContextNet(dim=2, size="tiny", block=4, norm="batch").eval()
+    net.map_cache = (tmp_path, "w")
+    screener = SimpleNamespace(extractor=SimpleNamespace(condition_encoder=net))
+    with uncached(screener):
+        assert net.map_cache is None
+    assert net.map_cache == (tmp_path, "w")
+    with uncached(SimpleNamespace(extractor=None)):  # a student has no context network
+        pass
