@@ -14,6 +14,9 @@ import pytest
 # OpenMP threads wait without spinning (set before torch loads its runtime): on a machine whose other
 # core is busy, spinning threads take the core from the one that has work
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# the suite sets these itself where a test needs them: a caller's shell must not change what it checks
+for _name in ("SCREENER_HEADLESS", "SCREENER_PROGRESS_FILE", "SCREENER_VIEWER_NETWORK", "SCREENER_RUN_DIR"):
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture(scope="session")

@@ -473,6 +473,10 @@ def main(argv=None) -> None:
                         cells[f"{dens}+blob"] = zd + zb
                         cells[f"{dens}|blob"] = torch.maximum(zd, zb)
             if len(blocks) > 1:
+                for sg in blob_sigmas:  # a lesion larger than the small block is hidden by the large one
+                    names = [f"context{b}-blob{sg:g}" for b in blocks]
+                    cells[f"context-ms-blob{sg:g}"] = torch.stack(
+                        [(cells[n] - stats[n][0]) / stats[n][1] for n in names]).amax(0)
                 for suffix in ("", "-maha"):
                     names = [f"context{b}-gaussian{suffix}" for b in blocks]
                     cells["context-ms-gaussian" + suffix] = torch.stack(
