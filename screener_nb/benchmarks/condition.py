@@ -105,13 +105,13 @@ def _context_for(cache_dir: Path, key: str, args, train: list[dict], dim: int, b
     target = "" if args.context_target == "y" else f"-{args.context_target}"
     path = cache_dir / (f"context-{key}-{args.features}{target}-{args.steps}-{block}-{args.window}-{args.lr}-"
                         f"{args.phase_prob}-{args.ratio}{'-h' if args.hetero else ''}"
-                        f"{'' if args.norm == 'instance' else '-' + args.norm}.pt")
+                        f"{'' if args.norm == 'instance' else '-' + args.norm}{'' if args.batch == 4 else f'-b{args.batch}'}.pt")
     if path.exists():
         net = ContextNet(dim, block=block, heteroscedastic=args.hetero, norm=args.norm)
         net.load_state_dict(torch.load(path))
         return net.eval()
     net = train_context(train, dim, steps=args.steps, block=block, window=args.window, lr=args.lr,
-                        batch=4, seed=0, phase_prob=args.phase_prob, ratio=args.ratio,
+                        batch=args.batch, seed=0, phase_prob=args.phase_prob, ratio=args.ratio,
                         heteroscedastic=args.hetero, norm=args.norm)
     torch.save(net.state_dict(), path)
     return net
@@ -227,6 +227,7 @@ def main(argv=None) -> None:
                     "context per size and adds their multi-scale score (the maximum of standardised scores)")
     ap.add_argument("--window", type=int, default=32, help="context window side, cells")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch", type=int, default=4, help="context training windows per step")
     ap.add_argument("--phase-prob", type=float, default=0.5)
     ap.add_argument("--ratio", type=float, default=0.6)
     ap.add_argument("--density-steps", type=int, default=800)
