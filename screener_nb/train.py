@@ -72,6 +72,10 @@ class TrainSettings:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    # 5-D tensors in channels_last_3d while training: the tiny UNet's step is ~25 % faster on
+    # 2 CPU cores (``bench train`` measures both side by side); the trained model is returned
+    # in the default layout
+    channels_last: bool = True
 
     @classmethod
     def from_config(cls, cfg: Any) -> "TrainSettings":
@@ -189,13 +193,18 @@ class StepBatches(torch.utils.data.Dataset):
         return self.collate([self.task.sample(step_rng(self.seed, step, j)) for j in self.indices])
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """``batch`` (a tensor, or a dict / list / tuple of them) on ``device``; with
+    ``channels_last``, its 5-D tensors (B, C, x, y, z) in ``torch.channels_last_3d`` memory."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        batch = batch.to(device, non_blocking=True)
+        if channels_last and batch.dim() == 5:
+            batch = batch.contiguous(memory_format=torch.channels_last_3d)
+        return batch
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return type(batch)(_to_device(v, device) for v in batch)
+        return type(batch)(to_device(v, device, channels_last) for v in batch)
     return batch
 
 
@@ -313,6 +322,8 @@ def fit(
     device = _device_for(settings, dist_info)
     torch.manual_seed(settings.seed)
     model.to(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last_3d)  # only 5-D weights change layout
     signature = model_signature(model)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -367,7 +378,7 @@ def fit(
     t_last, n_since = time.perf_counter(), 0
     step = start
     for batch in loader:
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device, settings.channels_last)
         with autocast(device, settings.amp):
             loss, logs = task.loss(ddp_model, batch)
         if not torch.isfinite(loss):
@@ -413,6 +424,8 @@ def fit(
         del ddp_model  # its reducer holds the process group
         _leave_together()
     model.eval()
+    if settings.channels_last:
+        model.to(memory_format=torch.contiguous_format)  # the layout a loaded checkpoint has
     return TrainResult(model, step, resumed_from, log_path, ckpt_path)
 
 

@@ -7,7 +7,7 @@ from screener_nb.models.unet import build_unet
 
 
 def test_bench_train_times_the_profiles_own_model_and_sampler():
-    r = _one("condition", "tiny", "quick", steps=1)
+    r = _one("condition", "tiny", "quick", steps=1, layout="channels_last")
     cfg = config.resolve("condition", profile="quick", run_dir="unused")
     # independent count: the condition encoder takes image + mask channels
     expected = sum(p.numel() for p in build_unet("tiny", in_channels=2, out_channels=cfg.embed_dim).parameters())

@@ -119,3 +119,41 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     np.testing.assert_allclose(w2, w1, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(load_log(tmp_path / "two").loss.values, load_log(tmp_path / "one").loss.values,
                                rtol=1e-5)
+
+
+class _ConvTask:
+    """y = a fixed 3x3x3 blur of x: a 5-D batch, so channels_last_3d applies."""
+
+    def __init__(self):
+        self.seen_layouts = []
+
+    def sample(self, rng):
+        x = rng.normal(size=(2, 8, 8, 6)).astype(np.float32)
+        return {"x": x}
+
+    def loss(self, model, batch):
+        x = batch["x"]
+        self.seen_layouts.append(x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous())
+        target = torch.nn.functional.avg_pool3d(x, 3, 1, 1)
+        return (model(x) - target).square().mean(), {}
+
+
+def test_channels_last_training_matches_the_default_layout(tmp_path):
+    """Only the memory layout changes: the same weights up to float rounding, the batch arrives
+    in channels_last_3d, and the model comes back in the default layout."""
+    torch.manual_seed(0)
+    initial = torch.nn.Conv3d(2, 2, 3, padding=1).weight.detach().clone()
+    weights, tasks = {}, {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Conv3d(2, 2, 3, padding=1)
+        model.config = {"kind": "toy-conv"}
+        tasks[channels_last] = task = _ConvTask()
+        settings = TrainSettings(steps=12, batch=3, lr=0.02, warmup=2, checkpoint_every=100, log_every=4,
+                                 device="cpu", seed=3, channels_last=channels_last)
+        out = fit(model, task, settings, tmp_path / str(channels_last), desc="toy").model
+        assert out.weight.is_contiguous()
+        weights[channels_last] = out.weight.detach().clone()
+    assert set(tasks[True].seen_layouts) == {True} and set(tasks[False].seen_layouts) == {False}
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-4, atol=1e-5)
+    assert (weights[True] - initial).abs().max() > 1e-2  # it trained
