@@ -52,7 +52,7 @@ def _cmd_train(args) -> int:
 
 def _cmd_data(args) -> int:
     if args.action == "check":
-        from .data.manifests import main_check
+        from .data.status import main_check
 
         return main_check(args.rest) or 0
     from .data.samples import main_fetch

@@ -54,7 +54,7 @@ class OracleResidual:
 def _phantom_cells(run_dir, case, stride, organ_sigma):
     """(coarse cell intensities (2, x, y, z) tensor, organ cells (n, x, y, z), body cells (x, y, z))."""
     from .data.phantom_truth import phantom_truth
-    from .inference import body_cells, coarse_cells
+    from .features import body_cells, coarse_cells
     from .models.oracle import organ_cells
 
     truth = phantom_truth(run_dir, case)

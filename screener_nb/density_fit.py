@@ -24,7 +24,7 @@ from . import files
 from .config import split_list
 from .data.crops import random_crop
 from .errors import ConfigError, InputError
-from .inference import FeatureExtractor, body_cells
+from .features import FeatureExtractor, body_cells
 from .methods import check_method, method_name
 from .progress import report
 from .train import CHECKPOINT, LOG, TrainSettings, read_log_rows, write_log_rows, fit, load_checkpoint, model_signature

@@ -1,7 +1,9 @@
 """The distillation stage (notebook 05): one student UNet trained to reproduce the teacher's maps.
 
-How the student compares with its teacher is :mod:`screener_nb.student_eval`;
-low-shot supervised fine-tuning of the student is :mod:`screener_nb.finetune`.
+The student network, its target transform and its loading are :mod:`screener_nb.student`;
+the teacher's cached whole-volume maps are :mod:`screener_nb.teacher`. How the student
+compares with its teacher is :mod:`screener_nb.student_eval`; low-shot supervised
+fine-tuning of the student is :mod:`screener_nb.finetune`.
 
 **Distillation.** The teacher is the frozen modular pipeline of the run
 (descriptor + condition + density, ``cfg.teacher`` = ``<condition>-<density>``).
@@ -42,7 +44,6 @@ checkpointed run per fold and init), ``finetune.json`` and ``finetune.nc``.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -52,220 +53,15 @@ import torch
 from torch import nn
 
 from . import files
-from .errors import ConfigError, InputError
-from .methods import Method
+from .errors import InputError
 from .progress import report
 from .runtime import resolve_device
-from .train import TrainSettings, fit, load_checkpoint
-
-STAGE = "distill"
-MAPS_DIR = "teacher_maps"
-
-TeacherFn = Callable[[Any], np.ndarray]
-
-
-# ============================================================================ teacher maps
-
-
-def teacher_cache_key(run_dir: Path, teacher: str, overlap: float) -> dict:
-    """What the cached teacher maps depend on: the method and its weights' files."""
-    condition, density = split_teacher(teacher)
-    stamp = {}
-    for rel in (f"density/{teacher}/checkpoint.pt", "descriptor/checkpoint.pt",
-                *(["condition/checkpoint.pt"] if condition == "learned" else [])):
-        p = run_dir / rel
-        if p.exists():
-            st = p.stat()
-            stamp[rel] = [st.st_size, st.st_mtime_ns]
-    return {"teacher": teacher, "overlap": overlap, "weights": stamp}
-
-
-def split_teacher(teacher: str, name: str = "teacher") -> tuple[str, str]:
-    """``"learned-flow" -> ("learned", "flow")``; a clear error naming parameter ``name`` otherwise."""
-    m = Method.parse(teacher, name)
-    return m.condition, m.density
-
-
-def run_teacher(run_dir: str | Path, teacher: str = "learned-flow", device: str | torch.device = "auto",
-                overlap: float = 0.5, sw_batch: int = 2) -> TeacherFn:
-    """``case -> (X, Y, Z) float32`` whole-volume anomaly map of the run's frozen pipeline."""
-    from .inference import Screener
-
-    condition, density = split_teacher(teacher)
-    screener = Screener.from_run(run_dir, density, condition, device=device, overlap=overlap, sw_batch=sw_batch)
-
-    def teacher_fn(case) -> np.ndarray:
-        return screener.score_preprocessed(case.image, case.body, case.spacing, source=f"case {case.id}")
-
-    teacher_fn.screener = screener  # type: ignore[attr-defined]
-    return teacher_fn
-
-
-def teacher_maps(run_dir: str | Path, cases: Sequence, *, teacher: str = "learned-flow",
-                 device: str | torch.device = "auto", teacher_fn: TeacherFn | None = None,
-                 teacher_key: dict | str | None = None, overlap: float = 0.5, rank: int = 0, world: int = 1,
-                 progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
-    """Whole-volume teacher maps of ``cases``, cached in ``distill/teacher_maps/<id>.npy``.
-
-    A map is computed once and reused (also after an interrupted run); the cache
-    is tied to the teacher (method, overlap, size and time stamp of its weight
-    files, or ``teacher_key`` for an injected ``teacher_fn``) and rebuilt when it
-    changes. With ``world > 1`` (DDP) rank ``r`` computes cases ``r, r + world, ...``
-    and the caller synchronises before reading the others.
-
-    Returns:
-        ``{case id: (X, Y, Z) float32 map}`` (memory-mapped) of the cases this rank owns
-        or finds cached.
-    """
-    run_dir = Path(run_dir)
-    folder = files.stage_dir(run_dir, STAGE) / MAPS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    if teacher_fn is None:
-        key = teacher_cache_key(run_dir, teacher, overlap)
-    else:
-        key = teacher_key if teacher_key is not None else getattr(teacher_fn, "__name__", "custom")
-        key = key if isinstance(key, dict) else {"teacher": str(key)}
-    key_path = folder / "teacher.json"
-    if rank == 0:
-        if key_path.exists() and files.read_json(key_path) != json.loads(json.dumps(key)):
-            stale = list(folder.glob("*.npy"))
-            if progress:
-                progress(f"[distill] teacher changed: recomputing {len(stale)} cached teacher maps")
-            for p in stale:
-                p.unlink()
-        files.write_json(key_path, key)
-    out: dict[str, np.ndarray] = {}
-    for i, case in enumerate(cases):
-        path = folder / f"{case.id}.npy"
-        cached = _read_map(path, case.shape)
-        if cached is not None:
-            out[case.id] = cached
-            continue
-        if i % world != rank:
-            continue
-        if teacher_fn is None:
-            teacher_fn = run_teacher(run_dir, teacher, device, overlap)
-        t0 = time.perf_counter()
-        m = np.asarray(teacher_fn(case), dtype=np.float32)
-        if m.shape != case.shape or not np.isfinite(m).all():
-            raise InputError(f"teacher map of case {case.id}", f"a finite float map of shape {case.shape}",
-                             f"shape {m.shape}, {int((~np.isfinite(m)).sum())} non-finite values")
-        files.save_npy(path, m)
-        if progress:
-            progress(f"[distill] teacher map {case.id} ({i + 1}/{len(cases)}) {case.shape} in {time.perf_counter() - t0:.1f} s")
-        out[case.id] = np.load(path, mmap_mode="r")
-    return out
-
-
-def _read_map(path: Path, shape) -> np.ndarray | None:
-    if not path.exists():
-        return None
-    try:
-        m = np.load(path, mmap_mode="r")
-    except Exception:  # a foreign/corrupt file: recompute it (writes are atomic, so this is rare)
-        return None
-    return m if tuple(m.shape) == tuple(shape) else None
-
-
-def pooled_body_scores(cases: Sequence, maps: dict[str, np.ndarray], budget: int = 2_000_000,
-                       seed: int = 0) -> np.ndarray:
-    """Teacher scores of the body voxels of ``cases``, pooled (N,) float64, N <= ``budget``.
-
-    Every body voxel while the cohort has fewer than ``budget``; else an even
-    share per case drawn without replacement (seeded). A quantile table or a
-    mean needs no more, and a paper-scale cohort holds billions of body voxels.
-    """
-    share = max(1, int(budget) // max(1, len(cases)))
-    rng = np.random.default_rng(seed)
-    parts = []
-    for c in cases:
-        v = np.asarray(maps[c.id])[np.asarray(c.body, dtype=bool)]
-        if v.size > share:
-            v = v[np.sort(rng.choice(v.size, size=share, replace=False))]
-        parts.append(v.astype(np.float64))
-    values = np.concatenate(parts) if parts else np.zeros(0)
-    if values.size == 0:
-        raise InputError("training cases", "body voxels to normalise the teacher map", "none")
-    return values
-
-
-#: the regression targets :class:`TargetTransform` knows
-TARGETS = ("quantile", "standard")
-
-
-class TargetTransform:
-    """A monotone map from the teacher's scores to the student's regression target, and back.
-
-    ``standard``: ``(s - mean) / std``. ``quantile``: the score's rank among the
-    pooled training body voxels, Gaussianised, ``Phi^-1(F(s))`` with ``F`` the
-    empirical CDF interpolated between ``n_quantiles`` quantiles (what sklearn's
-    ``QuantileTransformer(output_distribution="normal")`` computes). Why quantile
-    by default: a flow's -log q is heavy-tailed (a few voxels hundreds of nats
-    above the rest), so with ``standard`` the squared error is dominated by those
-    few voxels and the student learns the tail, not the ranking that every metric
-    reads. The quantile target is bounded (+-5.2) and, being strictly monotone,
-    keeps the teacher's ranking, hence its AUROC, exactly.
-
-    :meth:`inverse` (torch, differentiable, any device) brings the student's
-    output back to the teacher's scale; it is hand-written because neither torch
-    nor sklearn has a torch-side inverse of a quantile table.
-    """
-
-    BOUND = 1e-7  # probabilities clipped as sklearn does: Phi^-1 stays within +-5.2
-
-    def __init__(self, kind: str, **state):
-        if kind not in TARGETS:
-            raise ConfigError(f"parameter 'target': expected one of {list(TARGETS)}, found {kind!r}")
-        self.kind = kind
-        self.mean, self.std = float(state.get("mean", 0.0)), float(state.get("std", 1.0))
-        self.quantiles = np.asarray(state.get("quantiles", []), dtype=np.float64)  # (K,) increasing scores
-        self.probs = np.asarray(state.get("probs", []), dtype=np.float64)  # (K,) increasing CDF values
-
-    @classmethod
-    def fit(cls, kind: str, scores: np.ndarray, n_quantiles: int = 1000) -> "TargetTransform":
-        """Fitted on the pooled body scores (N,) of the training cases."""
-        scores = np.asarray(scores, dtype=np.float64).ravel()
-        mean, std = float(scores.mean()), float(scores.std())
-        std = std if std > 1e-12 else 1.0
-        if kind != "quantile":
-            return cls(kind, mean=mean, std=std)
-        probs = np.linspace(0.0, 1.0, max(2, min(int(n_quantiles), scores.size)))
-        quantiles = np.quantile(scores, probs)
-        # ties (a constant region) would make the CDF a step: keep one probability per distinct score
-        quantiles, first, counts = np.unique(quantiles, return_index=True, return_counts=True)
-        probs = np.array([probs[i:i + n].mean() for i, n in zip(first, counts)])
-        if quantiles.size < 2:  # a constant teacher: any monotone map is as good
-            quantiles, probs = np.array([quantiles[0] - 1.0, quantiles[0] + 1.0]), np.array([0.0, 1.0])
-        return cls(kind, mean=mean, std=std, quantiles=quantiles, probs=probs)
-
-    def forward(self, scores: np.ndarray) -> np.ndarray:
-        """Teacher scores (any shape) -> targets, float32."""
-        s = np.asarray(scores, dtype=np.float64)
-        if self.kind == "standard":
-            return ((s - self.mean) / self.std).astype(np.float32)
-        from scipy.special import ndtri
-
-        p = np.clip(np.interp(s, self.quantiles, self.probs), self.BOUND, 1 - self.BOUND)
-        return ndtri(p).astype(np.float32)
-
-    def inverse(self, target: torch.Tensor) -> torch.Tensor:
-        """Student outputs (any shape) -> the teacher's scale, piecewise linear in the CDF."""
-        if self.kind == "standard":
-            return target * self.std + self.mean
-        p = torch.special.ndtr(target.double())
-        probs = torch.as_tensor(self.probs, device=target.device)
-        quantiles = torch.as_tensor(self.quantiles, device=target.device)
-        hi = torch.searchsorted(probs, p.contiguous()).clamp(1, probs.numel() - 1)
-        p0, p1, q0, q1 = probs[hi - 1], probs[hi], quantiles[hi - 1], quantiles[hi]
-        frac = ((p - p0) / (p1 - p0)).clamp(0.0, 1.0)
-        return (q0 + frac * (q1 - q0)).to(target.dtype)
-
-    def state(self) -> dict:
-        """JSON-ready description (``model.json``), read back by ``TargetTransform(**state)``."""
-        out = {"kind": self.kind, "mean": self.mean, "std": self.std}
-        if self.kind == "quantile":
-            out.update(quantiles=self.quantiles.tolist(), probs=self.probs.tolist())
-        return out
+# the student and the teacher's maps live in their own modules; their names stay importable here
+from .student import (STAGE, STUDENT_GRIDS, TARGETS, CellStudent, ScaledStudent, TargetTransform,  # noqa: F401
+                      build_student, check_patch, load_student, load_student_unet, student_spec, student_transform)
+from .teacher import (MAPS_DIR, TeacherFn, pooled_body_scores, run_teacher, split_teacher,  # noqa: F401
+                      teacher_cache_key, teacher_maps)
+from .train import TrainSettings, fit
 
 
 # ============================================================================ crops
@@ -298,83 +94,6 @@ class DistillTask:
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Mean of ``(pred - target)^2`` over the voxels where ``weight`` is 1 (the body)."""
     return ((pred - target) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
-
-
-# ============================================================================ the student
-
-
-class ScaledStudent(nn.Module):
-    """``forward(x (B,1,X,Y,Z)) -> (B,1,X,Y,Z)`` scores on the teacher's scale (target transform inverted)."""
-
-    def __init__(self, unet: nn.Module, transform: TargetTransform):
-        super().__init__()
-        self.unet, self.transform = unet, transform
-        self.config = {"student": getattr(unet, "config", None), "target": transform.kind}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.transform.inverse(self.unet(x).float())
-
-
-#: where the student predicts: ``voxels`` (a full-resolution UNet, the paper's) or ``cells``
-#: (:class:`CellStudent`, on the teacher's cell grid)
-STUDENT_GRIDS = ("voxels", "cells")
-
-
-class CellStudent(nn.Module):
-    """A student on the teacher's cell grid: ``forward(x (B,1,X,Y,Z)) -> (B,1,X,Y,Z)``.
-
-    A strided stem (kernel = stride = the density grid's pooling ``stride``) turns the CT into
-    cells of ``stem_channels`` features, a UNet of ``size`` with one level fewer (the cells
-    already are a coarser grid, and a 48 x 48 x 32 crop is 16^3 cells) predicts one value per cell, and
-    trilinear upsampling (``align_corners=False``, as the teacher's cell scores are upsampled)
-    brings it to the voxels. Every level of the UNet works on ``prod(stride)`` times fewer
-    positions than a full-resolution student: the teacher's map carries no finer detail.
-    Input sides must be multiples of ``self.multiple`` (the stride times the UNet's multiple).
-    """
-
-    def __init__(self, size: str, stride=(3, 3, 2), stem_channels: int = 16):
-        super().__init__()
-        from .models.unet import UNET_SIZES, build_unet
-
-        self.stride = tuple(int(s) for s in stride)
-        self.stem = nn.Conv3d(1, int(stem_channels), kernel_size=self.stride, stride=self.stride)
-        features = tuple(UNET_SIZES[size]["features"])[:-1] if size in UNET_SIZES else None
-        self.unet = build_unet(size, in_channels=int(stem_channels), out_channels=1, features=features)
-        self.multiple = tuple(s * int(self.unet.multiple) for s in self.stride)
-        self.config = {"grid": "cells", "size": size, "stride": list(self.stride), "stem_channels": int(stem_channels),
-                       "unet": self.unet.config}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        cells = self.unet(F.leaky_relu(self.stem(x), 0.01))
-        return F.interpolate(cells, size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)
-
-
-def build_student(size: str, grid: str = "voxels", stride=(3, 3, 2)) -> nn.Module:
-    """The student architecture, 1 input channel, 1 output channel, no activation: a full-resolution
-    UNet of ``size`` (``grid="voxels"``) or a :class:`CellStudent` on cells of ``stride`` voxels."""
-    from .models.unet import build_unet
-
-    if grid == "voxels":
-        return build_unet(size, in_channels=1, out_channels=1)
-    if grid == "cells":
-        return CellStudent(size, stride)
-    raise ConfigError(f"student grid: expected one of {', '.join(STUDENT_GRIDS)}, found {grid!r}")
-
-
-def check_patch(net: nn.Module, patch, name: str = "patch") -> tuple[int, int, int]:
-    """The crop / window size as ints, refused early when the network cannot take it."""
-    patch = tuple(int(p) for p in patch)
-    multiple = getattr(net, "multiple", 1)
-    multiples = tuple(int(m) for m in multiple) if isinstance(multiple, (tuple, list)) else (int(multiple),) * 3
-    bad = [f"{'XYZ'[i]}={p}" for i, p in enumerate(patch) if i < 3 and p % multiples[i]]
-    if len(patch) != 3 or bad:
-        what = ("" if multiples[0] == multiples[1] == multiples[2] else " (X, Y, Z)")
-        shown = multiples[0] if not what else multiples
-        raise ConfigError(f"parameter {name!r}: expected 3 sizes that are multiples of {shown}{what} (what the "
-                          f"{getattr(net, 'config', {}).get('size', '')} student's downsampling needs), found {patch}")
-    return patch
 
 
 def balanced_subset(cases: Sequence, n: int, seed: int) -> list:
@@ -480,53 +199,6 @@ def distill_student(cfg: Any, *, callback: Callable[[dict], None] | None = None,
     return {"folder": str(folder), "steps_done": result.steps_done, "resumed_from": result.resumed_from,
             "teacher": spec["teacher"], "target": transform.state(), "n_train_cases": len(cases),
             "teacher_seconds": teacher_seconds}
-
-
-def student_spec(run_dir: Path) -> dict:
-    folder = run_dir / STAGE
-    path = folder / "model.json"
-    if not path.exists():
-        raise InputError(run_dir, f"a distilled student ({path})",
-                         "none: run notebook 05 (python -m screener_nb run --stages distill)")
-    spec = files.read_json(path)
-    need = ("size", "patch", "target")
-    missing = [k for k in need if k not in spec]
-    if missing:
-        raise InputError(path, f"a student description with keys {list(need)}", f"keys {sorted(spec)} (missing {missing})")
-    return spec
-
-
-def student_transform(spec: dict) -> TargetTransform:
-    """The target transform a student was trained with (from its ``model.json``)."""
-    return TargetTransform(**spec["target"])
-
-
-def load_student_unet(run_dir: str | Path, *, trained: bool = True, seed: int = 0,
-                      device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """The raw student UNet (output in target units, see :class:`TargetTransform`) and its ``model.json``.
-
-    ``trained=False``: the same architecture at the initialisation distillation
-    started from (``torch.manual_seed(seed)``), the baseline of the held-out MSE.
-    """
-    run_dir = Path(run_dir)
-    spec = student_spec(run_dir)
-    torch.manual_seed(seed)
-    unet = build_student(spec["size"], spec.get("grid", "voxels"), spec.get("stride", (3, 3, 2)))
-    if trained:
-        ckpt_path = run_dir / STAGE / "checkpoint.pt"
-        if not ckpt_path.exists():
-            raise InputError(run_dir / STAGE, f"the student's weights ({ckpt_path})",
-                             "no checkpoint: distillation has not run (or not reached its first checkpoint)")
-        load_checkpoint(run_dir / STAGE, unet)  # InputError when the architecture does not match model.json
-    return unet.to(resolve_device(device)).eval().requires_grad_(False), spec
-
-
-def load_student(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, tuple[int, int, int]]:
-    """``(model, patch)``: the frozen student, ``model(x (B,1,X,Y,Z)) -> (B,1,X,Y,Z)`` scores on
-    the teacher's scale (target transform inverted), and its sliding-window size (X, Y, Z)."""
-    unet, spec = load_student_unet(run_dir, device=device)
-    model = ScaledStudent(unet, student_transform(spec))
-    return model.to(resolve_device(device)).eval().requires_grad_(False), tuple(int(p) for p in spec["patch"])
 
 
 @torch.inference_mode()

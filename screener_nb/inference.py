@@ -26,105 +26,15 @@ from torch import nn
 from . import files
 from .data.volume import Volume
 from .errors import ConfigError, InputError
+# the feature layer (the bottom of the scoring stack); its names stay importable from here
+from .features import (FeatureExtractor, body_cells, coarse_cells, pooled_map, scan_scores,  # noqa: F401
+                       stitch_encoder)
 from .methods import CONDITIONS, DENSITIES, Method, check_method, method_name  # noqa: F401 (the public vocabulary)
 from .runtime import autocast, resolve_device
 
 #: ``window``: the paper's -- the density inside each window, only the score map stitched;
 #: ``scan``: pooled descriptor and condition of the whole scan, then the density once per cell
 INFERENCE_MODES = ("window", "scan")
-
-
-class FeatureExtractor(nn.Module):
-    """Frozen encoders -> pooled descriptor y and condition c of a crop.
-
-    ``forward(x (B,1,X,Y,Z) in [0,1], origin_mm (B,3)) -> (y (B,D,x,y,z), c (B,C,x,y,z) | None)``
-    where (x, y, z) = (X, Y, Z) / pool_stride. ``origin_mm`` is the crop's
-    first voxel position in the whole preprocessed CT (used by ``sincos``).
-    """
-
-    def __init__(self, descriptor: nn.Module, condition: str, condition_encoder: nn.Module | None,
-                 spacing: tuple[float, float, float], pool_stride=(3, 3, 2), sincos_dim: int = 24):
-        super().__init__()
-        if condition not in CONDITIONS:
-            raise ConfigError(f"unknown condition {condition!r}; known: {', '.join(CONDITIONS)}")
-        if condition == "learned" and condition_encoder is None:
-            raise ConfigError("condition 'learned' needs the condition encoder")
-        self.descriptor, self.condition_kind = descriptor, condition
-        self.condition_encoder = condition_encoder if condition == "learned" else None
-        self.spacing, self.pool_stride, self.sincos_dim = tuple(spacing), tuple(pool_stride), sincos_dim
-
-    @property
-    def cond_dim(self) -> int:
-        if self.condition_kind == "none":
-            return 0
-        if self.condition_kind == "sincos":
-            return self.sincos_dim
-        return int(self.condition_encoder.spec["out_channels"])
-
-    @property
-    def dim(self) -> int:
-        return int(self.descriptor.spec["out_channels"])
-
-    @property
-    def context(self) -> bool:
-        """Whether the learned condition is the context condition (:mod:`screener_nb.models.context`),
-        whose value at a cell depends on the whole scan: such runs are scored scan by scan."""
-        return self.condition_encoder is not None and self.condition_encoder.spec.get("kind") == "context"
-
-    def forward(self, x: torch.Tensor, origin_mm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from .models.density import pool_features
-        from .ssl.task import encode
-
-        y = pool_features(encode(self.descriptor, x).float(), self.pool_stride)
-        if self.condition_kind == "none":
-            return y, None
-        if self.condition_kind == "learned":
-            if self.context:  # the window is all the context there is here
-                return y, torch.cat([self._context(w[None]) for w in x])
-            return y, pool_features(encode(self.condition_encoder, x).float(), self.pool_stride)
-        return y, self.sincos(origin_mm, tuple(y.shape[2:])).to(y.device, y.dtype)
-
-    def _context(self, x: torch.Tensor) -> torch.Tensor:
-        from .models.context import coarse_image
-
-        return self.condition_encoder.scan_condition(coarse_image(x.float(), self.pool_stride)).to(x.device)
-
-    def scan_features(self, x: torch.Tensor, patch, overlap: float = 0.25, sw_batch: int = 2,
-                      y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pooled descriptor and condition of a whole scan ``x`` (1, 1, X, Y, Z) in [0, 1]:
-        (1, D, x, y, z) and (1, C, x, y, z) | None on the extractor's device, with
-        (x, y, z) = (X, Y, Z) // pool_stride. Encoders run in ``patch``-sized windows
-        (:func:`pooled_map`); the context condition sees the whole scan's coarse grid.
-        ``y``: the descriptor's map when already computed (it is then returned as is)."""
-        dev = next(self.descriptor.parameters()).device
-        if y is None:
-            y = pooled_map(self.descriptor, x, patch, self.pool_stride, overlap, sw_batch).to(dev)
-        grid = tuple(y.shape[2:])
-        if self.condition_kind == "none":
-            return y, None
-        if self.condition_kind == "sincos":  # origin 0: the scan's first voxel, as in the windows' codes
-            return y, self.sincos(torch.zeros(1, 3, dtype=torch.float64), grid).to(dev, y.dtype)
-        if self.context:
-            return y, self._context(x.to(dev))
-        return y, pooled_map(self.condition_encoder, x, patch, self.pool_stride, overlap, sw_batch).to(dev)
-
-    def scan_condition(self, x: torch.Tensor) -> torch.Tensor:
-        """The context condition (1, C, x, y, z) of a whole scan ``x`` (1, 1, X, Y, Z) without the
-        descriptor (what the residual density reads); only for the context condition."""
-        if not self.context:
-            raise ConfigError(f"scan_condition: the context condition only, found condition {self.condition_kind!r}")
-        return self._context(x.to(next(self.descriptor.parameters()).device))
-
-    def sincos(self, origin_mm: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """(B, sincos_dim, *grid) position codes of the pooled cells of crops starting at ``origin_mm`` (B, 3)."""
-        from .models.encodings import sincos_condition_map
-
-        s = torch.tensor(self.spacing, dtype=torch.float64)
-        stride = torch.tensor(self.pool_stride, dtype=torch.float64)
-        # a pooled cell's position is the centre of the voxels it averages
-        maps = [sincos_condition_map(o + (stride - 1) / 2 * s, s * stride, grid, self.sincos_dim)
-                for o in origin_mm.double().cpu()]
-        return torch.stack(maps)
 
 
 @dataclass
@@ -181,7 +91,7 @@ class Screener:
         params = PreprocessParams.from_dict(read_index(run_dir)["preprocess"])
         dev = resolve_device(device)
         if student:
-            from .distill import load_student
+            from .student import load_student
 
             model, patch = load_student(run_dir, device=dev)
 
@@ -326,114 +236,3 @@ def naive_anomaly_map(extractor: FeatureExtractor, density: nn.Module, image: np
         c = extractor.sincos(torch.zeros(1, 3), tuple(y.shape[2:])).to(dev)
     nll = -density.log_prob(y, c).float().cpu()
     return upsample_scores(nll, tuple(x.shape[2:]))[0].numpy()
-
-
-def stitch_encoder(encoder: nn.Module, x: torch.Tensor, patch, overlap: float, sw_batch: int,
-                   channels: int | None = None) -> torch.Tensor:
-    """(1, C, X, Y, Z) float32 on the CPU: an encoder's full-resolution map of the
-    whole image ``x`` (1, 1, X, Y, Z), Gaussian-blended MONAI sliding windows run on the
-    encoder's device. ``channels``: keep only the first ones (the encoder still computes all)."""
-    from monai.inferers import sliding_window_inference
-
-    from .ssl.task import encode
-
-    dev = next(encoder.parameters()).device
-
-    def predictor(w: torch.Tensor) -> torch.Tensor:
-        with autocast(dev):
-            out = encode(encoder, w)
-        return out[:, :channels].float()
-
-    return sliding_window_inference(x, tuple(patch), sw_batch, predictor, overlap=overlap, mode="gaussian",
-                                    sw_device=dev, device=torch.device("cpu"))
-
-
-def pooled_map(encoder: nn.Module, x: torch.Tensor, patch, stride, overlap: float = 0.25,
-               sw_batch: int = 2) -> torch.Tensor:
-    """(1, C, X // sx, Y // sy, Z // sz) float32 on the CPU: an encoder's map of the whole image
-    ``x`` (1, 1, X, Y, Z), average-pooled with ``stride`` inside each window and blended on the
-    pooled grid (Gaussian weights), windows run on the encoder's device.
-
-    The image is padded so every window starts on a cell boundary: the pooled windows then tile
-    the same global cell grid that :func:`~screener_nb.models.density.pool_features` of the whole
-    map would give (equal when one window covers the image; tested). Memory is that of the
-    pooled map, 1 / (sx * sy * sz) of a full-resolution stitch.
-    """
-    from monai.inferers import sliding_window_inference
-
-    from .models.density import pool_features
-    from .ssl.task import encode
-
-    stride, patch = tuple(int(s) for s in stride), tuple(int(p) for p in patch)
-    if any(p % s for p, s in zip(patch, stride)):
-        raise ConfigError(f"window {patch} must be a multiple of the pooling stride {stride}")
-    intervals = [max(1, int(p * (1 - overlap))) for p in patch]
-    if any(i % s for i, s in zip(intervals, stride)):
-        raise ConfigError(f"overlap {overlap} gives window steps {tuple(intervals)} voxels, not multiples of the "
-                          f"pooling stride {stride}; choose e.g. 0, 0.25 or 0.5")
-    shape = x.shape[2:]
-    grid = [n // s for n, s in zip(shape, stride)]
-    target = [max(p, -(-n // s) * s) for n, p, s in zip(shape, patch, stride)]
-    pad = []
-    for n, t in reversed(list(zip(shape, target))):
-        pad += [0, t - n]
-    xp = torch.nn.functional.pad(x, pad)
-    dev = next(encoder.parameters()).device
-
-    def predictor(w: torch.Tensor) -> torch.Tensor:
-        with autocast(dev):
-            out = encode(encoder, w)
-        return pool_features(out.float(), stride)
-
-    out = sliding_window_inference(xp, patch, sw_batch, predictor, overlap=overlap, mode="gaussian",
-                                   sw_device=dev, device=torch.device("cpu"))
-    return out[..., :grid[0], :grid[1], :grid[2]]
-
-
-@torch.inference_mode()
-def scan_scores(extractor: FeatureExtractor, densities: dict, x: torch.Tensor, patch, overlap: float = 0.25,
-                sw_batch: int = 2, extractors: dict | None = None, body: np.ndarray | None = None) -> dict:
-    """Scan-mode anomaly maps: method -> (X, Y, Z) float32 scores (nats) of a whole scan
-    ``x`` (1, 1, X, Y, Z).
-
-    The descriptor runs once; each condition kind once (``extractors``: method -> its
-    extractor sharing this one's descriptor, default ``extractor`` for all); every density
-    scores the whole cell grid, and the cell scores are upsampled to the voxels. ``body``
-    (X, Y, Z) bool: the scan's body mask, which the residual density averages inside."""
-    from .models.density import upsample_cells
-    from .models.residual import ResidualDensity
-
-    extractors = extractors or {m: extractor for m in densities}
-    # the residual density reads the context's prediction only: no descriptor pass when all are residual
-    only_residual = all(isinstance(d, ResidualDensity) for d in densities.values())
-    y, conds = None, {}
-    out = {}
-    for m, density in densities.items():
-        ext = extractors[m]
-        key = (ext.condition_kind, id(ext.condition_encoder))
-        if key not in conds and only_residual:
-            conds[key] = ext.scan_condition(x)
-        elif key not in conds:
-            y, conds[key] = ext.scan_features(x, patch, overlap, sw_batch, y=y)
-        if isinstance(density, ResidualDensity):
-            nll = density.score(coarse_cells(x, ext.pool_stride)[0], conds[key][0],
-                                body_cells(body, ext.pool_stride, source=m))[None]
-        else:
-            nll = -density.log_prob(y, conds[key])
-        out[m] = upsample_cells(nll.float().cpu(), tuple(x.shape[2:]), ext.pool_stride)[0]
-    return out
-
-
-def coarse_cells(x: torch.Tensor, stride) -> torch.Tensor:
-    """(1, 2, x, y, z) cell mean and std of a scan ``x`` (1, 1, X, Y, Z) on the CPU."""
-    from .models.context import coarse_image
-
-    return coarse_image(x.float().cpu(), tuple(stride))
-
-
-def body_cells(body: np.ndarray | None, stride, source: str = "scan") -> np.ndarray:
-    """(x, y, z) bool: the cells at least half inside the body mask (X, Y, Z)."""
-    if body is None:
-        raise ConfigError(f"{source}: scoring needs the scan's body mask")
-    b = torch.from_numpy(np.asarray(body, np.float32))[None, None]
-    return (torch.nn.functional.avg_pool3d(b, tuple(stride), tuple(stride))[0, 0] > 0.5).numpy()

@@ -31,7 +31,7 @@ class JointDensityScorer:
     """
 
     def __init__(self, screeners: Mapping[str, Any]):
-        from .inference import FeatureExtractor
+        from .features import FeatureExtractor
 
         if not screeners:
             raise ConfigError("JointDensityScorer: expected at least one density method")
@@ -74,7 +74,7 @@ class JointDensityScorer:
         _check_image(image, body, self.patch, spacing, source)
         spacing_t = torch.tensor(tuple(spacing), dtype=torch.float64)
         if self.mode == "scan":
-            from .inference import scan_scores
+            from .features import scan_scores
 
             x = torch.from_numpy(image)[None, None]
             with autocast(self.device):

@@ -258,7 +258,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from ..data.cohort import load_cohort, read_index
-    from ..inference import FeatureExtractor
+    from ..features import FeatureExtractor
     from ..ssl.task import load_encoder
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

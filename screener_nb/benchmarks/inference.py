@@ -86,7 +86,7 @@ def encoders_only_map(extractor, image, patch, overlap: float, sw_batch: int):
     import numpy as np
     import torch
 
-    from ..inference import stitch_encoder
+    from ..features import stitch_encoder
 
     x = torch.from_numpy(np.asarray(image, np.float32))[None, None]
     out = stitch_encoder(extractor.descriptor, x, patch, overlap, sw_batch, channels=1)

@@ -30,7 +30,7 @@ def scan_grids(case: Any, descriptor: nn.Module | None, patch, stride, overlap: 
     """Whole-scan grids of one preprocessed case: ``y`` (D, x, y, z) pooled descriptor (only with a
     ``descriptor``: a context regressing the intensities needs none), ``coarse`` (2, x, y, z) cell
     mean / std of the image, ``body`` (x, y, z) bool (cells at least half inside the body)."""
-    from ..inference import body_cells, pooled_map
+    from ..features import body_cells, pooled_map
     from ..models.context import coarse_image
 
     x = torch.from_numpy(np.array(case.image, dtype=np.float32))[None, None]
@@ -181,7 +181,7 @@ def context_quality(run_dir: str | Path, cases: Sequence[Any], *, trained: bool 
     for case in cases:
         y, c = context_maps(run_dir, case, trained=trained)
         stride = tuple(files.read_json(Path(run_dir) / "condition" / "model.json")["pool_stride"])
-        from ..inference import body_cells
+        from ..features import body_cells
 
         body = body_cells(case.body, stride)
         err = np.square(c - y)[:, body].mean()

@@ -177,12 +177,14 @@ def test_ambiguous_label_is_an_error(fake_tree):
 
 
 def test_check_reports_presence_and_counts(fake_tree, capsys):
-    rows = {r.name: r for r in M.check(fake_tree)}
+    from screener_nb.data import status
+
+    rows = {r.name: r for r in status.check(fake_tree)}
     assert (rows["kits21"].present, rows["kits21"].n_found, rows["kits21"].n_labelled) == (True, 2, 1)
     assert (rows["lits"].n_found, rows["lits"].n_labelled) == (3, 2)
     assert not rows["nlst"].present and rows["nlst"].note == "not downloaded"
     assert not rows["samples"].present  # <data>/samples was never fetched
-    assert M.main_check(["--data-dir", str(fake_tree)]) == 0
+    assert status.main_check(["--data-dir", str(fake_tree)]) == 0
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("kits21"))
     assert line.split()[:5] == ["kits21", "test", "yes", "2", "1"]
