@@ -131,7 +131,7 @@ pd.Series(held_out, name="MSE on held-out crops (target units)").round(4)
 # Same evaluation scans, same sliding window: the pooled voxel AUROC (lesion vs
 # normal voxels inside the body) of both, and the inference speed (voxels per
 # second of a whole-volume map after a warm-up; best of 2 in the full
-# profile) and memory on the same volume. The requirement: the student stays within 0.03 AUROC of the teacher.
+# profile) and memory on the same volume. The goal: a student within 0.03 AUROC of its teacher.
 
 # %% papermill_description=student-vs-teacher
 from screener_nb import files

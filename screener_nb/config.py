@@ -9,7 +9,7 @@ its namespace through :func:`resolve` right after the parameters cell.
 Profiles:
     quick  what the tests run: every notebook in under ~2 minutes on 2 CPU cores.
     demo   what ``make demo`` runs: features that work downstream, 00-06 in < 30 min on CPU.
-    full   the paper's schedule (METHOD.md) for a GPU; no edits needed.
+    full   the paper's schedule (docs/method.md) for a GPU; no edits needed.
 
 Unknown names, wrong types and impossible values are :class:`ConfigError`.
 """
@@ -25,7 +25,7 @@ from .errors import ConfigError, InputError
 
 PROFILES = ("quick", "demo", "full")
 
-#: the paper's cohort (METHOD.md): trained on NLST + AMOS + AbdomenAtlas, tested on
+#: the paper's cohort (docs/method.md): trained on NLST + AMOS + AbdomenAtlas, tested on
 #: LIDC-IDRI, MIDRC-RICORD-1a, KiTS21 and LiTS; read through data_manifests/ from $SCREENER_DATA_DIR
 PAPER_DATASETS = "nlst+amos+abdomenatlas+lidc_idri+midrc_ricord_1a+kits21+lits"
 

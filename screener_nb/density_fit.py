@@ -4,7 +4,7 @@ For every requested condition (``none``, ``sincos``, ``learned``) and density
 (``gaussian``, ``flow``) a model is trained on random crops of the training
 cases: descriptor and condition maps are average-pooled with stride (3, 3, 2),
 N(0, 0.1^2) noise is added to both during training only, and the loss is the
-mean NLL over all grid positions (METHOD.md). All models train side by side
+mean NLL over all grid positions (docs/method.md). All models train side by side
 through the shared loop (:class:`DensityEnsemble`): one encoder pass per step
 serves them all.
 

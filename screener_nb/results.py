@@ -123,7 +123,7 @@ def _paper_frame(rows: dict[str, dict[str, Sequence[float]]]) -> pd.DataFrame:
     return pd.DataFrame(data, index=pd.Index(list(rows), name="method"), columns=cols)
 
 
-#: v1 Table 2 (METHOD.md): AUROC | AUROC@0.3 | AUPRO@0.3 on LIDC, MIDRC, KiTS, LiTS.
+#: v1 Table 2 (docs/method.md): AUROC | AUROC@0.3 | AUPRO@0.3 on LIDC, MIDRC, KiTS, LiTS.
 PAPER_TABLE2 = _paper_frame({
     "Autoencoder": {"auroc": (.71, .65, .66, .68), "pauroc": (.31, .21, .24, .25), "aupro": (.59, .24, .26, .37)},
     "f-AnoGAN": {"auroc": (.82, .66, .67, .67), "pauroc": (.52, .21, .24, .22), "aupro": (.46, .18, .24, .22)},

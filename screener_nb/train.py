@@ -4,7 +4,7 @@ A stage supplies a :class:`TrainTask` -- how to draw one training sample from a
 random generator and how to compute the loss of a batch -- and :func:`fit` does
 the rest, identically on a laptop CPU, one GPU, or many under ``torchrun``:
 
-* ``device="auto"``; bf16 autocast on CUDA; AdamW (eps 1e-3, METHOD.md) with
+* ``device="auto"``; bf16 autocast on CUDA; AdamW (eps 1e-3, docs/method.md) with
   linear warm-up then cosine decay; gradient-norm clipping;
 * ``tqdm.auto`` progress with the loss in the bar; headless (under papermill /
   the runner) one line every ``progress_seconds`` with step, loss, elapsed and
@@ -56,7 +56,7 @@ class TrainTask(Protocol):
 
 @dataclass
 class TrainSettings:
-    """Optimisation settings; defaults are the paper's (METHOD.md, Descriptor model)."""
+    """Optimisation settings; defaults are the paper's (docs/method.md, Descriptor model)."""
 
     steps: int
     batch: int = 8

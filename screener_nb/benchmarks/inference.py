@@ -186,10 +186,12 @@ def _lidc_case() -> Path | None:
     return Path(found[0].image) if found else None
 
 
-def _report(name: str, rows: list[dict]) -> None:
+def _report(name: str, rows: list[dict]) -> dict:
+    """Print one volume's figures; return them (``--json``): the rows, ratios and the maps' agreement."""
     import numpy as np
 
     print(f"\n== {name}")
+    summary: dict = {"name": name, "rows": [{k: v for k, v in r.items() if k != "save"} for r in rows]}
     ok = {r["mode"]: r for r in rows if "error" not in r}
     for r in rows:
         if "error" in r:
@@ -207,10 +209,13 @@ def _report(name: str, rows: list[dict]) -> None:
         print(f"  end to end (read excluded): {total:.1f} s for {tuple(w['shape'])} -> preprocessed {tuple(w['pre_shape'])}")
     if "naive" in ok and "encoders" in ok:
         n, e = ok["naive"], ok["encoders"]
+        summary["naive_over_encoders"] = n["score_s"] / e["score_s"]
         print(f"  encoders alone take {e['score_s']:.1f} s of the naive {n['score_s']:.1f} s: no windowed "
               f"design with these encoders can beat naive by more than {n['score_s'] / e['score_s']:.2f}x here")
     if "windowed" in ok and "naive" in ok:
         w, n = ok["windowed"], ok["naive"]
+        summary["windowed_speedup"] = n["score_s"] / w["score_s"]
+        summary["rss_naive_over_windowed"] = n["peak_rss_mb"] / w["peak_rss_mb"]
         print(f"  throughput windowed / naive: {n['score_s'] / w['score_s']:.2f}x; "
               f"peak RSS naive / windowed: {n['peak_rss_mb'] / w['peak_rss_mb']:.2f}x")
         from scipy.stats import spearmanr
@@ -221,9 +226,12 @@ def _report(name: str, rows: list[dict]) -> None:
         inside = np.flatnonzero((a > a.min()) & np.isfinite(b))
         pick = np.random.default_rng(0).choice(inside, size=min(inside.size, 1_000_000), replace=False)
         # rank correlation: -log q is heavy-tailed, so Pearson's r is decided by a few voxels
-        print(f"  maps agree inside the body: Spearman {spearmanr(a[pick], b[pick]).statistic:.4f}, Pearson "
-              f"{np.corrcoef(a[pick], b[pick])[0, 1]:.4f} on {pick.size} voxels (equal where one window "
+        summary["spearman"] = float(spearmanr(a[pick], b[pick]).statistic)
+        summary["pearson"] = float(np.corrcoef(a[pick], b[pick])[0, 1])
+        print(f"  maps agree inside the body: Spearman {summary['spearman']:.4f}, Pearson "
+              f"{summary['pearson']:.4f} on {pick.size} voxels (equal where one window "
               "covers the volume; with overlaps, blending scores vs blending features differs)")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,13 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default="learned-flow", help="<condition>-<density> (default learned-flow)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--device", default="cpu",
-                    help="cpu (default: issue 4's 2-core target) | auto | cuda; windows run there, maps stitch on the CPU")
+                    help="cpu (default: the 2-core CPU target) | auto | cuda; windows run there, maps stitch on the CPU")
     ap.add_argument("--shape", default="512,512,300", help="synthetic CT shape (X,Y,Z)")
     ap.add_argument("--skip-naive", action="store_true", help="time only the windowed pipeline")
     ap.add_argument("--skip-floor", action="store_true", help="do not time the encoders alone")
     ap.add_argument("--skip-synthetic", action="store_true", help="only the LIDC sample")
     ap.add_argument("--skip-lidc", action="store_true", help="only the synthetic CT")
     ap.add_argument("--skip-student", action="store_true", help="do not time the run's distilled student")
+    ap.add_argument("--json", help="also write the figures to this JSON file (machine-readable)")
     args = ap.parse_args(argv)
     if args.child:
         _child(args)
@@ -260,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench inference: {args.method}, {what}; device {device}; {args.threads} torch threads on "
           f"{env['cpu_count']} cores, torch {env['packages'].get('torch')}")
     modes = ["windowed"] + ([] if args.skip_naive else ["naive"]) + ([] if args.skip_floor else ["encoders"])
+    report = {"method": args.method, "device": str(device), "threads": args.threads, "volumes": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cases = []
@@ -278,12 +288,16 @@ def main(argv: list[str] | None = None) -> int:
                 r = _measure(mode, path, save, args)
                 r["save"] = str(save)
                 rows.append(r)
-            _report(name, rows)
+            report["volumes"].append(_report(name, rows))
     if args.run and not args.skip_student and (Path(args.run) / "distill" / "DONE").exists():
         from ..student_eval import bench_student_vs_teacher
 
         print("\n== distilled student vs its teacher")
-        bench_student_vs_teacher(args.run)
+        report["student_vs_teacher"] = bench_student_vs_teacher(args.run)
+    if args.json:
+        from .. import files
+
+        files.write_json(Path(args.json), report)
     return 0
 
 

@@ -4,7 +4,7 @@ For each grid (the quick, demo and full profiles' phantom shapes at 2 x 2 x 2.5 
 and for healthy cases and cases with lesions (1-3 random kinds, as the data
 stage's validation and test cases), the mean and max wall time per case over
 ``--repeats`` seeds, and the share of the time each part of the generator takes
-(summed over all cases of the grid). The target of the issue is under 2 s for a
+(summed over all cases of the grid). The target is under 2 s for a
 160 x 160 x 128 case on one core.
 
 Wall time (mean, max) and CPU time of the process (mean) are both printed: on a

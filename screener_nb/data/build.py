@@ -12,7 +12,7 @@ Cohorts, chosen by the ``dataset`` parameter:
 * any dataset manifest name (``lidc_idri``, ``kits21``...): the user's own copy
   under ``$SCREENER_DATA_DIR``, read through its manifest.
 
-Every case is preprocessed as METHOD.md says (:mod:`screener_nb.data.preprocess`)
+Every case is preprocessed as docs/method.md says (:mod:`screener_nb.data.preprocess`)
 and written in the run's format (:mod:`screener_nb.data.cohort`). Real scans go
 through the preprocessing cache, so a second run does not redo them.
 """

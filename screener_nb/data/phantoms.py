@@ -54,7 +54,7 @@ anatomical CT phantoms with lesion masks fast enough (XCAT and similar are
 licensed and slow). Speed: everything is rendered on the bounding box of each
 structure, in float32, with lookup tables from a tissue map to HU and organ
 labels; a 160 x 160 x 128 case takes about 0.4 s of CPU time on one core
-(``python -m screener_nb bench phantoms``; the issue's budget is 2 s).
+(``python -m screener_nb bench phantoms``; the budget is 2 s, so a demo's cohort renders in seconds).
 
 Randomness: three independent streams spawned from ``SeedSequence(seed)``
 (anatomy, lesions, noise), so a healthy case and a lesion case with the same

@@ -1,6 +1,6 @@
 """The method's data preparation, and its exact inverse for maps.
 
-Steps (METHOD.md "Data prep"), every constant a field of :class:`PreprocessParams`:
+Steps (docs/method.md "Data prep"), every constant a field of :class:`PreprocessParams`:
 
 1. canonical orientation: the voxel axes are permuted/flipped to the closest
    RAS axes (nibabel ``io_orientation``). Exact: no interpolation, Z becomes

@@ -3,7 +3,7 @@
 Every model scores each position of a grid independently:
 ``log_prob(y (B, D, x, y, z), c (B, C, x, y, z) | None) -> (B, x, y, z)``, the
 log-density in nats of the D-dimensional descriptor at that position (summed
-over the D channels), given the condition there (METHOD.md, "Density models").
+over the D channels), given the condition there (docs/method.md, "Density models").
 The anomaly score of a position is ``-log_prob``.
 
 Models (:func:`build_density`, kinds :data:`DENSITY_KINDS`):

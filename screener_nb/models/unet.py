@@ -11,7 +11,7 @@ distillation student use it raw).
 
 This is the paper's "ResNet-style UNet" variant (channels 16..512, 6 levels)
 at size ``paper``; its heads-from-every-level-summed output and the
-ConvNeXt-style FPN variant are not reproduced (METHOD.md accepts any
+ConvNeXt-style FPN variant are not reproduced (docs/method.md accepts any
 well-built full-resolution 3D UNet).
 
 Named sizes (:data:`UNET_SIZES`; parameters for 1 input and 32 output channels):

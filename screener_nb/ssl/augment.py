@@ -1,6 +1,6 @@
 """Colour augmentations applied independently to each SSL view.
 
-The recipe is the paper's (METHOD.md, "Colour augmentations per view"), in the
+The recipe is the paper's (docs/method.md, "Colour augmentations per view"), in the
 order of the authors' public code (vox2vec ``augment_color``):
 
 1. blur *or* sharpen in the axial plane (p 0.8, then one of the two with

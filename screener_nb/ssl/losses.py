@@ -6,7 +6,7 @@ Both losses see ``(M, d)`` features of the M valid voxel pairs of a batch
 head (VICReg: the *expander*, 32 -> 8192 -> 8192 -> 8192; InfoNCE: the
 *projector* to 128) and compare the two views.
 
-VICReg (Bardes et al. 2022; METHOD.md): ``loss = 25 * inv + 25 * var + 1 * cov``
+VICReg (Bardes et al. 2022; docs/method.md): ``loss = 25 * inv + 25 * var + 1 * cov``
 
 * inv: mean squared error between paired embeddings (``F.mse_loss``, mean over M x D);
 * var: per view, mean over dimensions of ``relu(1 - sqrt(var_j + 1e-4))``
@@ -15,7 +15,7 @@ VICReg (Bardes et al. 2022; METHOD.md): ``loss = 25 * inv + 25 * var + 1 * cov``
 
 How the two views' var and cov terms are combined is a parameter,
 ``view_reduction``: ``"sum"`` (default) adds them, as in the VICReg paper's
-formula ``v(Z) + v(Z') ... c(Z) + c(Z')`` and METHOD.md's "per view";
+formula ``v(Z) + v(Z') ... c(Z) + c(Z')`` and docs/method.md's "per view";
 ``"mean"`` averages them, as the Screener authors' code does (the official
 VICReg code averages var but sums cov). With the default weights, "sum" puts
 twice the weight of "mean" on the regularisers.

@@ -1,6 +1,6 @@
 """Positive pairs for dense SSL: two overlapping, resized crops of one scan.
 
-Recipe (METHOD.md, "Descriptor model"): each view draws its own voxel size
+Recipe (docs/method.md, "Descriptor model"): each view draws its own voxel size
 ``v`` uniformly in [1, 2] x [1, 2] x [1.5, 3] mm; its crop covers the physical
 box ``patch * v`` mm of the source scan and is resampled to ``patch`` voxels
 (paper 96 x 96 x 64). Both boxes are forced to contain one random body voxel

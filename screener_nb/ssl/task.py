@@ -1,6 +1,6 @@
 """Training the descriptor and condition encoders (notebooks 02 and 03).
 
-Both encoders are the same recipe (METHOD.md): a full-resolution 3D UNet,
+Both encoders are the same recipe (docs/method.md): a full-resolution 3D UNet,
 positive voxel pairs from two overlapping augmented crops, a dense SSL loss.
 The condition encoder additionally sees block-masked views (two input
 channels: image with hidden blocks zeroed, and the mask) and must produce the
@@ -75,7 +75,7 @@ def build_encoder(spec: dict) -> nn.Module:
 
 
 def color_augment(name: str) -> ColorAugment:
-    """The views' colour augmentations: ``paper`` (METHOD.md) or ``no_intensity`` (blur/sharpen and
+    """The views' colour augmentations: ``paper`` (docs/method.md) or ``no_intensity`` (blur/sharpen and
     noise only, so the features are not taught to ignore a region's absolute intensity)."""
     if name == "paper":
         return ColorAugment()

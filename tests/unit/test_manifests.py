@@ -11,7 +11,7 @@ from screener_nb.data import manifests as M
 from screener_nb.data.samples import load_samples_manifest
 from screener_nb.errors import InputError
 
-# The paper's datasets and case counts (METHOD.md, "Training data" / "Test"), written out by hand.
+# The paper's datasets and case counts (docs/method.md, "Training data" / "Test"), written out by hand.
 PAPER = {"nlst": ("train", 25652), "amos": ("train", 2123), "abdomenatlas": ("train", 4607),
          "lidc_idri": ("test", 1017), "midrc_ricord_1a": ("test", 115), "kits21": ("test", 298),
          "lits": ("test", 117)}

@@ -1,4 +1,4 @@
-"""screener_nb.results: the paper's tables (hand-copied here from METHOD.md), the paper-style layout,
+"""screener_nb.results: the paper's tables (hand-copied here from docs/method.md), the paper-style layout,
 loading results with clear errors, `compare`, and the viewer's case loader."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from screener_nb.errors import ConfigError, InputError
 from screener_nb.evaluate import METRICS, Evaluation
 from screener_nb import results as R
 
-# METHOD.md, "Published results", typed again for the test: method -> AUROC | AUROC@0.3 | AUPRO@0.3,
+# docs/method.md, "Published results", typed again for the test: method -> AUROC | AUROC@0.3 | AUPRO@0.3,
 # each on LIDC MIDRC KiTS LiTS
 TABLE2_TEXT = """
 Autoencoder .71 .65 .66 .68 .31 .21 .24 .25 .59 .24 .26 .37
