@@ -121,7 +121,7 @@ if raw is not None:
     print(f"Dice between the round-tripped label and the phantom's exact mask: {dice:.3f}")
 
 # %%
-from screener_nb import files
+from screener_nb.rundir import RunDir
 
-files.mark_done(cfg.run_dir, "data", {"cases": len(summary), "datasets": sorted(set(summary.dataset))})
+RunDir(cfg.run_dir).mark_done("data", {"cases": len(summary), "datasets": sorted(set(summary.dataset))})
 print(f"data stage done: {len(summary)} cases in {cfg.run_dir}/data")

@@ -162,7 +162,7 @@ rates = {name: retrieval_rate(enc, held_out, patch=cfg.patch, n_views=4 if cfg.p
 pd.DataFrame(rates).T
 
 # %%
-from screener_nb import files
+from screener_nb.rundir import RunDir
 
-files.mark_done(cfg.run_dir, "descriptor", {"steps": result.steps_done, "retrieval": rates, "collapse": mon})
+RunDir(cfg.run_dir).mark_done("descriptor", {"steps": result.steps_done, "retrieval": rates, "collapse": mon})
 print("descriptor stage done")

@@ -195,8 +195,8 @@ else:
                 index=y.shape[3] // 2)
 
 # %%
-from screener_nb import files
+from screener_nb.rundir import RunDir
 
-files.mark_done(cfg.run_dir, "condition", {"steps": result.steps_done, "model": cfg.condition_model,
+RunDir(cfg.run_dir).mark_done("condition", {"steps": result.steps_done, "model": cfg.condition_model,
                                           "quality": quality})
 print("condition stage done")

@@ -179,7 +179,7 @@ else:
     print("no phantom among the preview cases: the oracle needs a phantom's organ map")
 
 # %%
-from screener_nb import files
+from screener_nb.rundir import RunDir
 
-files.mark_done(cfg.run_dir, "density", {"methods": list(folders), "auroc_preview": rows})
+RunDir(cfg.run_dir).mark_done("density", {"methods": list(folders), "auroc_preview": rows})
 print("density stage done")

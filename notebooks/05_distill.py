@@ -243,7 +243,9 @@ print(test["note"])
 # training set. Run the `full` profile on your own labelled data for a real answer.
 
 # %%
-files.mark_done(cfg.run_dir, "distill", {
+from screener_nb.rundir import RunDir
+
+RunDir(cfg.run_dir).mark_done("distill", {
     "steps": info["steps_done"], "teacher": comparison["teacher"], "auroc": comparison["auroc"],
     "speedup": comparison["speed"]["speedup"], "held_out_mse": held_out,
     "finetune": {"k": ft["k"], "folds": ft["folds"], "mean_dice": ft["mean_dice"], "wilcoxon_p": test["p_value"]},

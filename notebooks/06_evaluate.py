@@ -254,12 +254,11 @@ per_case_frame(ds).round(3)
 # Two runs side by side: `python -m screener_nb compare runs/a runs/b --html cmp.html`.
 
 # %%
-from pathlib import Path
+from screener_nb.rundir import RunDir
 
-from screener_nb import files
-
-report = Path(cfg.run_dir) / "eval" / "report.html"
+run = RunDir(cfg.run_dir)
+report = run.stage_dir("evaluate") / "report.html"
 print(f"report: {report.resolve()} ({report.stat().st_size / 1e6:.1f} MB)")
-files.mark_done(cfg.run_dir, "eval",
-                {"methods": [str(m) for m in ds.model.values], "best": best, "max_fpr": cfg.max_fpr})
+run.mark_done("evaluate",
+              {"methods": [str(m) for m in ds.model.values], "best": best, "max_fpr": cfg.max_fpr})
 print("evaluation stage done")

@@ -25,6 +25,7 @@ import numpy as np
 from . import files
 from .baselines import ZScoreBaseline, zscore_baseline
 from .errors import ConfigError, InputError
+from .rundir import RunDir
 from .evaluation import (CALIBRATION_RATE, FROC_MIN_REGION_ML, FROC_THRESHOLDS, THRESHOLD_RULES, Evaluation,
                          evaluate_maps, lesion_coords)
 from .joint_scoring import JointDensityScorer, joint_key
@@ -126,7 +127,7 @@ class MapSource:
 
     def __init__(self, run_dir: Path, methods: Sequence[str], *, device: str = "auto", overlap: float = 0.5,
                  sw_batch: int = 2, progress: Callable[[str], None] | None = None):
-        self.run_dir, self.eval_dir = Path(run_dir), Path(run_dir) / "eval"
+        self.run_dir, self.eval_dir = Path(run_dir), RunDir(run_dir).stage_dir("evaluate", create=False)
         self.methods, self.progress = list(methods), progress
         self.cases_done, self.cases_expected = 0, 0  # for "case i/n" in the progress lines
         self.device, self.overlap, self.sw_batch = device, overlap, sw_batch
@@ -263,7 +264,7 @@ def run_evaluation(cfg: Any, *, progress: Callable[[str], None] | None = report,
     if not test:
         raise InputError(run_dir / "data" / "index.json", "at least one test case", "none")
     lesions = _read_lesions(run_dir)
-    eval_dir = files.stage_dir(run_dir, "eval")
+    eval_dir = RunDir(run_dir).stage_dir("evaluate")
     for stale in eval_dir.glob("metrics-*"):  # spilled scores of a killed earlier attempt
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)

@@ -76,11 +76,13 @@ class Screener:
     @classmethod
     def from_run(cls, run_dir: str | Path, density: str = "flow", condition: str = "learned", *,
                  student: bool = False, device: str = "auto", overlap: float = 0.5, sw_batch: int = 2,
-                 mode: str | None = None) -> "Screener":
+                 mode: str | None = None, backend: str = "torch") -> "Screener":
         """Rebuild a run's frozen pipeline; raises a clear error when a stage is missing.
 
         ``mode`` (:data:`INFERENCE_MODES`): None = ``scan`` for runs whose condition is the
-        context condition, else the paper's ``window``."""
+        context condition, else the paper's ``window``. ``backend`` (the student only):
+        ``torch`` (eager) or ``onnx`` (the exported student run by onnxruntime on the CPU,
+        :mod:`screener_nb.deploy`)."""
         from .data.cohort import read_index
         from .data.preprocess import PreprocessParams
 
@@ -90,6 +92,15 @@ class Screener:
         files.require_stage(run_dir, "data")
         params = PreprocessParams.from_dict(read_index(run_dir)["preprocess"])
         dev = resolve_device(device)
+        if backend not in ("torch", "onnx") or (backend == "onnx" and not student):
+            raise ConfigError(f"backend: expected 'torch', or 'onnx' for the student, found {backend!r}"
+                              + ("" if student else " (without student=True)"))
+        if student and backend == "onnx":
+            from .deploy import OnnxStudent
+
+            model = OnnxStudent(run_dir)
+            return cls(lambda x, origin: model(x).float(), model.patch, params, "student-onnx", "cpu", overlap,
+                       sw_batch)
         if student:
             from .student import load_student
 

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from . import files
 from .results import BEST_DICE_NOTE, froc_frame, operating_frame, per_case_frame, pooled_frame
+from .rundir import RunDir
 
 _CSS = ("body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}"
@@ -89,4 +90,4 @@ def write_report(run_dir: str | Path, ds, figures: Mapping[str, Any] | None = No
     attrs = {k: ds.attrs[k] for k in sorted(ds.attrs)}
     parts += ["<h2>Evaluation attributes</h2>", f"<pre>{esc(json.dumps(attrs, indent=1, default=str))}</pre>",
               loader, "</body></html>"]
-    return files.write_text(run_dir / "eval" / "report.html", "\n".join(parts))
+    return files.write_text(RunDir(run_dir).stage_dir("evaluate") / "report.html", "\n".join(parts))

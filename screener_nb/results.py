@@ -12,7 +12,7 @@
   after 300k training steps on ~32k CTs, not on this run's data.
 * :func:`main_compare`: ``python -m screener_nb compare runs/a runs/b [--html f]``.
 * :func:`load_case_maps`: one evaluated case with every method's map, for
-  :func:`screener_nb.viz.viewer.explore` (``set_run_loader(load_case_maps)``).
+  :func:`screener_nb.viz.viewer.explore` (its default ``loader``).
 
 Metrics (exact, from :mod:`screener_nb.metrics`; ``metric`` coordinate):
 
@@ -83,6 +83,8 @@ import pandas as pd
 
 from . import files
 from .errors import ConfigError, InputError
+from .rundir import RunDir
+from .stages import get as get_stage
 
 RESULTS_FILE = "metrics.nc"
 REQUIRED_VARIABLES = ("per_case", "pooled", "threshold")
@@ -167,7 +169,7 @@ def _results_path(run_dir: str | Path) -> Path:
         return p
     if (p / RESULTS_FILE).is_file():  # the eval folder itself
         return p / RESULTS_FILE
-    return p / "eval" / RESULTS_FILE
+    return RunDir(p).stage_dir("evaluate", create=False) / RESULTS_FILE
 
 
 def load_results(run_dir: str | Path):
@@ -473,7 +475,7 @@ class CaseMaps:
 
 def _run_dir_of(path: str | Path) -> Path:
     p = Path(path)
-    if p.name == "eval" and (p / "maps_pre").is_dir():
+    if p.name == get_stage("evaluate").folder and (p / "maps_pre").is_dir():
         return p.parent
     return p
 
@@ -498,7 +500,7 @@ def load_case_maps(run_dir: str | Path, case_id: str | None = None, methods: str
         case = test[0]
     else:
         case = load_case(str(case_id), run)
-    pre_dir = run / "eval" / "maps_pre"
+    pre_dir = RunDir(run).stage_dir("evaluate", create=False) / "maps_pre"
     have = sorted(p.parent.name for p in pre_dir.glob(f"*/{case.id}.npy"))
     thresholds = {}
     try:
@@ -532,14 +534,8 @@ def load_case_maps(run_dir: str | Path, case_id: str | None = None, methods: str
                     anomaly_maps=maps, thresholds={m: thresholds[m] for m in chosen if m in thresholds})
 
 
-def viewer_loader(path: Path, case: str | None = None) -> CaseMaps:
-    """``loader(path, case)`` for :func:`screener_nb.viz.viewer.set_run_loader`."""
-    return load_case_maps(path, case or None)
-
-
 __all__ = ["PAPER_TABLE2", "PAPER_TABLE3", "TABLE3_METHODS", "CaseMaps", "compare_figure", "compare_frame",
-           "load_case_maps", "load_results", "main_compare", "paper_table", "save_results", "styled",
-           "viewer_loader"]
+           "load_case_maps", "load_results", "main_compare", "paper_table", "save_results", "styled"]
 
 
 # --------------------------------------------------------------------------- tables of a results Dataset

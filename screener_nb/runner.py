@@ -27,12 +27,11 @@ from .errors import ConfigError, ScreenerError
 from .progress import PROGRESS_ENV, Relay
 from .runtime import HEADLESS_ENV
 
-# Stage -> folder in the run directory holding its DONE marker (None: always run).
-STAGE_DIRS = {
-    "environment": None, "data": "data", "descriptor": "descriptor", "condition": "condition",
-    "density": "density", "distill": "distill", "evaluate": "eval", "explore": None,
-}
-DEFAULT_STAGES = ["environment", "data", "descriptor", "condition", "density", "distill", "evaluate"]
+from .rundir import RunDir
+from .stages import DEFAULT_STAGES, REGISTRY, STAGE_ORDER
+
+# Stage -> folder in the run directory holding its DONE marker (None: always run); from the registry
+STAGE_DIRS = {name: stage.folder for name, stage in REGISTRY.items()}
 
 
 class StageFailed(ScreenerError):
@@ -45,7 +44,7 @@ def notebooks_dir() -> Path:
 
 
 def notebook_path(stage: str) -> Path:
-    path = notebooks_dir() / f"{config.NOTEBOOKS[stage]}.py"
+    path = notebooks_dir() / f"{REGISTRY[stage].notebook}.py"
     if not path.exists():
         raise ConfigError(f"stage {stage!r}: notebook {path} not found")
     return path
@@ -56,7 +55,7 @@ def parse_stages(text: str | Iterable[str] | None) -> list[str]:
     if text is None:
         return list(DEFAULT_STAGES)
     items = config.split_list(text) if isinstance(text, str) else list(text)
-    by_number = {spec["notebook"][:2]: name for name, spec in config.STAGES.items()}
+    by_number = {stage.number: name for name, stage in REGISTRY.items()}
     chosen: set[str] = set()
     for item in items:
         if "-" in item and all(p.isdigit() for p in item.split("-")):
@@ -64,17 +63,16 @@ def parse_stages(text: str | Iterable[str] | None) -> list[str]:
             chosen |= {by_number[f"{i:02d}"] for i in range(lo, hi + 1) if f"{i:02d}" in by_number}
         elif item in by_number:
             chosen.add(by_number[item])
-        elif item in config.STAGES:
+        elif item in REGISTRY:
             chosen.add(item)
         else:
-            known = ", ".join(f"{n} ({spec['notebook'][:2]})" for n, spec in config.STAGES.items())
+            known = ", ".join(f"{n} ({stage.number})" for n, stage in REGISTRY.items())
             raise ConfigError(f"unknown stage {item!r}; known: {known}")
-    return [s for s in config.STAGE_ORDER if s in chosen]
+    return [s for s in STAGE_ORDER if s in chosen]
 
 
 def stage_done(run_dir: Path, stage: str) -> bool:
-    folder = STAGE_DIRS[stage]
-    return folder is not None and (run_dir / folder / "DONE").exists()
+    return RunDir(run_dir).done(stage)
 
 
 def _check_run_params(run_dir: Path, requested: dict[str, Any]) -> None:
@@ -97,7 +95,7 @@ def _check_run_params(run_dir: Path, requested: dict[str, Any]) -> None:
 
 def _retire(run_dir: Path, stage: str) -> None:
     """Move a forced stage's outputs aside (never delete results silently)."""
-    folder = STAGE_DIRS[stage]
+    folder = REGISTRY[stage].folder
     if folder and (run_dir / folder).exists():
         dest = run_dir / ".replaced" / f"{folder}-{time.strftime('%Y%m%d-%H%M%S')}"
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +232,7 @@ def run(
         stage_values = {k: v for k, v in given.items() if k in stage_names}
         stage_values = {k: list(v) if isinstance(v, tuple) else v for k, v in stage_values.items()}
         stage_values["run_dir"] = str(run_dir)
-        print(f"[run] {stage}: executing {config.NOTEBOOKS[stage]}.py ...", flush=True)
+        print(f"[run] {stage}: executing {REGISTRY[stage].notebook}.py ...", flush=True)
         t0 = time.perf_counter()
         record["stages"][stage] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         files.write_json(run_dir / "run.json", record)
@@ -257,7 +255,8 @@ def print_summary(run_dir: Path, seconds: float) -> None:
     other method (:func:`~screener_nb.results.run_summary`), the run time and the report."""
     from .results import load_results, main_method, run_summary
 
-    if (run_dir / "eval" / "metrics.nc").exists():
+    eval_dir = RunDir(run_dir).stage_dir("evaluate", create=False)
+    if (eval_dir / "metrics.nc").exists():
         import pandas as pd
 
         ds = load_results(run_dir)
@@ -271,6 +270,6 @@ def print_summary(run_dir: Path, seconds: float) -> None:
                 print(f"[run] pooled results, main method {main}, best other method beside it:\n"
                       f"{table}", flush=True)
     print(f"[run] finished in {seconds / 60:.1f} min", flush=True)
-    report = run_dir / "eval" / "report.html"
+    report = eval_dir / "report.html"
     if report.exists():
         print(f"[run] report: {report}", flush=True)

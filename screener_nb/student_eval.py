@@ -249,9 +249,9 @@ def _measure_child(arg: str) -> None:
 
     a = json.loads(arg)
     case = load_case(a["case"], run_dir=a["run_dir"])
-    if a["which"] == "student":
+    if a["which"] in ("student", "student-onnx"):
         screener = Screener.from_run(a["run_dir"], student=True, device=a["device"], overlap=a["overlap"],
-                                     sw_batch=a["sw_batch"])
+                                     sw_batch=a["sw_batch"], backend="onnx" if a["which"] == "student-onnx" else "torch")
     else:
         condition, density = split_teacher(a["teacher"])
         screener = Screener.from_run(a["run_dir"], density, condition, device=a["device"], overlap=a["overlap"],
@@ -279,20 +279,34 @@ def bench_student_vs_teacher(run_dir: str | Path, *, case: str | None = None, de
     shape = next((c.shape for c in cases if c.id == case), None)
     if shape is None:
         raise InputError(run_dir / "data", f"a case id among {[c.id for c in cases]}", repr(case))
+    names = ["student", "teacher"]
+    try:  # the student exported to ONNX, run by onnxruntime on the CPU (optional [deploy] extra)
+        import onnxruntime  # noqa: F401
+
+        from .deploy import export_student_onnx
+
+        export_student_onnx(run_dir)
+        names.insert(1, "student-onnx")
+    except ImportError:
+        print_fn("onnxruntime not installed: the ONNX student is not measured (pip install 'screener_nb[deploy]')")
     rows = {name: _measure_subprocess(run_dir, name, case, device, teacher, overlap, sw_batch, repeats)
-            for name in ("student", "teacher")}
+            for name in names}
     speedup = rows["student"]["voxels_per_s"] / rows["teacher"]["voxels_per_s"]
     print_fn(f"student vs teacher ({teacher}) on {case} {shape}, device {resolve_device(device)}, "
              f"overlap {overlap}, best of {repeats} after a warm-up, each in a fresh process")
-    print_fn(f"{'model':<10} {'s/volume':>9} {'Mvoxel/s':>9} {'peak RSS':>10} {'RSS +infer':>11}"
+    print_fn(f"{'model':<13} {'s/volume':>9} {'Mvoxel/s':>9} {'peak RSS':>10} {'RSS +infer':>11}"
              + (f" {'GPU peak':>9}" if "cuda_peak_mb" in rows["student"] else ""))
     for name, r in rows.items():
         gpu = f" {r['cuda_peak_mb']:>7.0f}MB" if "cuda_peak_mb" in r else ""
-        print_fn(f"{name:<10} {r['seconds']:>9.2f} {r['voxels_per_s'] / 1e6:>9.3f} {r['maxrss_mb']:>8.0f}MB "
+        print_fn(f"{name:<13} {r['seconds']:>9.2f} {r['voxels_per_s'] / 1e6:>9.3f} {r['maxrss_mb']:>8.0f}MB "
                  f"{r['rss_increase_mb']:>9.0f}MB{gpu}")
     mem = _ratio(rows["teacher"], rows["student"])
     print_fn(f"speed-up student/teacher: {speedup:.1f}x" + (f"; memory teacher/student: {mem:.1f}x" if mem else ""))
-    return {"case": case, "shape": list(shape), "teacher": teacher, **rows, "speedup": speedup, "memory_ratio": mem}
+    out = {"case": case, "shape": list(shape), "teacher": teacher, **rows, "speedup": speedup, "memory_ratio": mem}
+    if "student-onnx" in rows:
+        out["onnx_speedup"] = rows["student-onnx"]["voxels_per_s"] / rows["student"]["voxels_per_s"]
+        print_fn(f"speed-up ONNX (onnxruntime) / eager torch student: {out['onnx_speedup']:.2f}x")
+    return out
 
 
 def summary_table(comparison: dict):

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..results import best_method
+from ..rundir import RunDir
 
 def pooled_curve(ds, dataset: str, method: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """The pooled ``kind`` ("roc" | "pro") curve of ``method`` on ``dataset``: (fpr, tpr or overlap), without the NaN padding."""
@@ -110,7 +111,7 @@ def gallery_figure(run_dir: str | Path, ds, method: str | None = None, *, per_ca
     for cid in ds.case.values:
         if len(images) >= max_panels:
             break
-        path = run_dir / "eval" / "maps_pre" / method / f"{cid}.npy"
+        path = RunDir(run_dir).stage_dir("evaluate", create=False) / "maps_pre" / method / f"{cid}.npy"
         if not path.is_file():
             continue
         case = load_case(str(cid), run_dir)

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..rundir import RunDir
 from .plots import lesion_centre
 
 #: the curves drawn beside the main method, where the run has them
@@ -44,7 +45,7 @@ def _labelled_case(run: Path, ds, case_id: str | None) -> str:
     datasets = dict(zip(map(str, ds.case.values), map(str, ds.case_dataset.values)))
     labelled = [c for c, n in lesion_voxels.items() if n > 0]
     if not labelled:
-        raise InputError(run / "eval" / "metrics.nc", "at least one test case with lesion voxels", "none")
+        raise InputError(RunDir(run).stage_dir("evaluate", create=False) / "metrics.nc", "at least one test case with lesion voxels", "none")
     real = [c for c in labelled if datasets[c] != "phantoms"]
     return (real or labelled)[0]
 

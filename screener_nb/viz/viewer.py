@@ -291,30 +291,14 @@ def choose_backend(backend: str = "auto", *, interactive: bool | None = None,
 
 
 # ----------------------------------------------------------------------------- inputs
-_RUN_LOADER: Callable[..., Any] | None = None
-
-
-def set_run_loader(loader: Callable[..., Any] | None) -> None:
-    """Hook for ``explore(path_to_run_or_eval_folder, case=...)``.
-
-    ``loader(path, case)`` must return an object with ``.image`` and optionally
-    ``.anomaly_map`` / ``.anomaly_maps`` (dict name -> map) / ``.label`` /
-    ``.spacing`` / ``.body``. Without one, :func:`screener_nb.results.load_case_maps`
-    (the maps stored by the evaluation stage) is used.
-    """
-    global _RUN_LOADER
-    _RUN_LOADER = loader
-
-
 def _unwrap(a):
     return getattr(a, "array", a) if a is not None and not isinstance(a, np.ndarray) else a
 
 
-def _normalize_inputs(case_or_run, anomaly_map, label, spacing, methods, roi, case):
+def _normalize_inputs(case_or_run, anomaly_map, label, spacing, methods, roi, case, loader=None):
     """-> (image, maps dict, label|None, spacing, roi|None, title hint)."""
     hint = None
     if isinstance(case_or_run, (str, Path)):
-        loader = _RUN_LOADER
         if loader is None:  # default: the maps the evaluation stage (notebook 06) stored in the run
             from ..results import load_case_maps as loader
         case_or_run = loader(Path(case_or_run), case)
@@ -740,15 +724,15 @@ class ItkViewer(_ThresholdModel):
 def explore(case_or_run=None, anomaly_map=None, label=None, spacing=None, *, backend: str = "auto",
             threshold: float | None = None, interactive: bool | None = None,
             methods: Mapping[str, Any] | None = None, title: str | None = None, roi=None,
-            center=None, case: str | None = None, network: bool | None = None, **viewer_kwargs):
+            center=None, case: str | None = None, network: bool | None = None,
+            loader: Callable[..., Any] | None = None, **viewer_kwargs):
     """Explore a CT with its anomaly map(s) and ground truth, interactively.
 
     Args:
         case_or_run: (X, Y, Z) CT array or ``Volume``; or a case object with
             ``.image`` and optionally ``.anomaly_map``, ``.anomaly_maps`` (dict),
             ``.label``, ``.spacing``, ``.body`` (used as ``roi``), ``.id``; or a
-            path to a run / eval folder (needs a loader, see :func:`set_run_loader`;
-            ``case`` names the case).
+            path to a run / eval folder, read by ``loader`` (``case`` names the case).
         anomaly_map: (X, Y, Z) scores (higher = more anomalous), listed as "anomaly map".
         label: (X, Y, Z) ground truth, > 0 = lesion.
         spacing: voxel size in mm (X, Y, Z); default from the input, else 1 mm.
@@ -761,6 +745,10 @@ def explore(case_or_run=None, anomaly_map=None, label=None, spacing=None, *, bac
         roi: (X, Y, Z) bool mask for Dice/regions (e.g. the body mask).
         center: initial voxel (i, j, k) of the slices.
         network: force the CDN probe result (None probes; env SCREENER_VIEWER_NETWORK=0/1).
+        loader: ``loader(path, case)`` -> an object with ``.image`` and optionally
+            ``.anomaly_map`` / ``.anomaly_maps`` / ``.label`` / ``.spacing`` / ``.body``, for a
+            path ``case_or_run``; default :func:`screener_nb.results.load_case_maps` (the maps
+            the evaluation stage stored in the run).
         viewer_kwargs: passed to :class:`OfflineViewer` (window, overlay_opacity,
             radiological, height, n_regions).
 
@@ -769,7 +757,7 @@ def explore(case_or_run=None, anomaly_map=None, label=None, spacing=None, *, bac
         display it. ``.backend`` and ``.backend_reason`` say which and why.
     """
     image, maps, label, spacing, roi, hint = _normalize_inputs(
-        case_or_run, anomaly_map, label, spacing, methods, roi, case)
+        case_or_run, anomaly_map, label, spacing, methods, roi, case, loader)
     title = title if title is not None else hint
     chosen, reason = choose_backend(backend, interactive=interactive, network=network)
     if chosen == "itk":

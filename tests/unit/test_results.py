@@ -307,13 +307,9 @@ def test_load_case_maps_round_trip(evaluated_run):
         R.load_case_maps(run, "train-0")  # a case without maps
 
 
-def test_viewer_opens_a_run_through_the_loader(evaluated_run):
+def test_viewer_opens_a_run_with_its_default_loader(evaluated_run):
     from screener_nb.viz import viewer
 
     run, _ = evaluated_run
-    viewer.set_run_loader(R.viewer_loader)
-    try:
-        v = viewer.explore(str(run), backend="offline", interactive=False, network=False, case="test-2")
-    finally:
-        viewer.set_run_loader(None)
+    v = viewer.explore(str(run), backend="offline", interactive=False, network=False, case="test-2")
     assert list(v.maps) == ["learned-flow", "zscore"] and v.title == "test-2"

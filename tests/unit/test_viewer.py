@@ -293,11 +293,7 @@ def test_run_loader_hook(phantom, tmp_path):
         seen.append((path, case))
         return types.SimpleNamespace(image=image, anomaly_maps={"m": amap}, label=label)
 
-    viewer.set_run_loader(loader)
-    try:
-        v = viewer.explore(tmp_path, case="c1", backend="offline")
-    finally:
-        viewer.set_run_loader(None)
+    v = viewer.explore(tmp_path, case="c1", backend="offline", loader=loader)
     assert seen == [(tmp_path, "c1")] and v.state["method"] == "m"
 
 
