@@ -153,12 +153,13 @@ summary_table(comparison).round(3)
 # computed (sampled in a thread; on a GPU, the peak of allocated GPU memory).
 # `python -m screener_nb bench inference` measures both in fresh processes.
 #
-# **Why not 10x here?** The student has the size of ONE of the teacher's two encoders,
-# and on CPU profiles the flow is shallow (2-4 blocks, width 64-128), so the teacher
-# costs about two students plus a little: expect roughly 2-3x. At the paper's scale
-# the flow (up to 64 blocks of width 512 at every pooled position) adds much more,
-# which is where the order of magnitude comes from. Timings on a busy machine are
-# noisy: compare them only within one run.
+# **Why is it faster?** In the quick and demo profiles the student predicts on the teacher's
+# own cell grid (a strided stem; `student_grid=cells`), so every level of its UNet works on
+# 18x fewer positions than a full-resolution UNet, and one pass replaces the 64 masked
+# passes of the teacher's context condition per scan. The full profile's student is the
+# paper's full-resolution UNet; there the order of magnitude comes from the teacher's deep
+# flow (up to 64 blocks of width 512 at every pooled position). Timings on a busy machine
+# are noisy: compare them only within one run.
 #
 # ### The two maps of one evaluation scan
 # Same colour range and threshold (the teacher's 95th percentile inside the body)
