@@ -90,11 +90,11 @@ from screener_nb.viz.live import LiveCurve
 live = LiveCurve(["loss"], title=f"student MSE to the {cfg.target}-transformed teacher map")
 live.show()
 info = distill_student(cfg, callback=live.update)
-target = info["target"]
-print(f"teacher {info['teacher']}: maps of {info['n_train_cases']} training cases ready in "
-      f"{info['teacher_seconds']:.1f} s (cached ones are reused); teacher scores in the body: mean "
+target = info.target
+print(f"teacher {info.teacher}: maps of {info.n_train_cases} training cases ready in "
+      f"{info.teacher_seconds:.1f} s (cached ones are reused); teacher scores in the body: mean "
       f"{target['mean']:.3f}, std {target['std']:.3f}; target: {target['kind']}")
-print(f"student trained to step {info['steps_done']} (resumed from {info['resumed_from']})")
+print(f"student trained to step {info.steps_done} (resumed from {info.resumed_from})")
 
 # %%
 from screener_nb.train import load_log
@@ -135,18 +135,18 @@ pd.Series(held_out, name="MSE on held-out crops (target units)").round(4)
 
 # %% papermill_description=student-vs-teacher
 from screener_nb import files
-from screener_nb.student_eval import student_vs_teacher, summary_table
+from screener_nb.student_eval import student_vs_teacher
 
 comparison = student_vs_teacher(cfg.run_dir, test_cases, cfg.device, teacher=cfg.teacher, overlap=overlap,
                                 repeats=2 if cfg.profile == "full" else 1, return_maps=True)
-maps = comparison.pop("maps")
-files.write_json(f"{cfg.run_dir}/distill/comparison.json", comparison)
-sp = comparison["speed"]
-print(f"AUROC teacher {comparison['auroc']['teacher']:.4f}, student {comparison['auroc']['student']:.4f} "
-      f"(difference {comparison['auroc']['difference']:+.4f}) on {len(comparison['cases'])} cases")
-print(f"speed on {sp['case']} {tuple(sp['shape'])} ({comparison['device']}): student {sp['speedup']:.1f}x faster"
+maps = comparison.maps
+files.write_json(f"{cfg.run_dir}/distill/comparison.json", comparison.to_dict())
+sp, auroc = comparison.speed, comparison.auroc
+print(f"AUROC teacher {auroc['teacher']:.4f}, student {auroc['student']:.4f} "
+      f"(difference {auroc['difference']:+.4f}) on {len(comparison.cases)} cases")
+print(f"speed on {sp['case']} {tuple(sp['shape'])} ({comparison.device}): student {sp['speedup']:.1f}x faster"
       + (f", teacher needs {sp['memory_ratio']:.1f}x the memory" if sp["memory_ratio"] else ""))
-summary_table(comparison).round(3)
+comparison.table().round(3)
 
 # %% [markdown]
 # Memory here is the increase of the process's resident memory while the map is
@@ -179,11 +179,11 @@ value_range = (threshold, float(np.quantile(t_map[body], 0.999)))
 for name, m in (("teacher", t_map), ("student", s_map)):
     orthogonal_slices(np.asarray(shown.image), overlay=m, label=shown.label, center=centre, spacing=shown.spacing,
                       overlay_threshold=threshold, overlay_range=value_range,
-                      title=f"{shown.id}: {name} ({comparison['teacher'] if name == 'teacher' else 'distilled UNet'})"
+                      title=f"{shown.id}: {name} ({comparison.teacher if name == 'teacher' else 'distilled UNet'})"
                       ).show()
 
 # %%
-from screener_nb.viz.plots import grouped_bars, score_scatter
+from screener_nb.viz.plots import score_scatter
 
 score_scatter(t_map[body], s_map[body], (np.asarray(shown.label) > 0)[body], seed=cfg.seed,
               title=f"{shown.id}: student vs teacher score per body voxel")
@@ -218,18 +218,13 @@ ft = finetune_cv(cfg.run_dir, labelled, k=cfg.finetune_k, folds=cfg.folds, steps
                  log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
 
 # %%
-fold_table = pd.DataFrame(ft["fold_dice"], index=[f"fold {i}" for i in range(ft["folds"])])
-fold_table.loc["mean over cases"] = [ft["mean_dice"][i] for i in fold_table.columns]
-fold_table.round(3)
+ft.table().round(3)
 
 # %%
-grouped_bars({f"{init} init": {c: ft["dice"][init][c] for c in ft["fold_of_case"]} for init in ft["inits"]},
-             labels={c: f"{c} (fold {fold})" for c, fold in ft["fold_of_case"].items()},
-             y_title="Dice at p >= 0.5", y_range=(0, 1),
-             title=f"fine-tuned on k = {ft['k']} cases per fold, {ft['steps']} steps: Dice per held-out case")
+ft.figure()
 
 # %%
-test = ft["test"]
+test = ft.test
 print(f"Wilcoxon signed-rank, distilled vs random init: statistic {test['statistic']:.3g}, "
       f"p = {test['p_value']:.3g} ({test['method']}), n = {test['n']} pairs, median difference "
       f"{test['median_difference']:+.3f}")
@@ -247,8 +242,8 @@ print(test["note"])
 from screener_nb.rundir import RunDir
 
 RunDir(cfg.run_dir).mark_done("distill", {
-    "steps": info["steps_done"], "teacher": comparison["teacher"], "auroc": comparison["auroc"],
-    "speedup": comparison["speed"]["speedup"], "held_out_mse": held_out,
+    "steps": info.steps_done, "teacher": comparison.teacher, "auroc": comparison.auroc,
+    "speedup": comparison.speed["speedup"], "held_out_mse": held_out,
     "finetune": {"k": ft["k"], "folds": ft["folds"], "mean_dice": ft["mean_dice"], "wilcoxon_p": test["p_value"]},
 })
 print("distill stage done")

@@ -45,6 +45,7 @@ checkpointed run per fold and init), ``finetune.json`` and ``finetune.nc``.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -119,9 +120,46 @@ def balanced_subset(cases: Sequence, n: int, seed: int) -> list:
     return [cases[i] for i in sorted(chosen)]
 
 
+@dataclass(frozen=True)
+class DistillResult:
+    """What :func:`distill_student` did: the student's folder, steps, teacher and target.
+
+    Attributes:
+        folder: ``runs/<run>/distill``.
+        steps_done / resumed_from: the training loop's steps (resumed_from 0: a fresh start).
+        teacher: the teacher method (``<condition>-<density>``, or an injected teacher's key).
+        target: the target transform's state (:meth:`TargetTransform.state`).
+        n_train_cases: training cases whose teacher maps the student learnt from.
+        teacher_seconds: seconds spent on the teacher's maps (cached maps cost ~0).
+    """
+
+    folder: str
+    steps_done: int
+    resumed_from: int
+    teacher: str
+    target: dict
+    n_train_cases: int
+    teacher_seconds: float
+
+    def table(self):
+        """One-column pandas table of the run's figures (the target's quantile table left out)."""
+        import pandas as pd
+
+        return pd.Series({"teacher": self.teacher, "target": self.target["kind"], "training cases": self.n_train_cases,
+                          "teacher maps (s)": round(self.teacher_seconds, 1), "steps": self.steps_done,
+                          "resumed from": self.resumed_from, "folder": self.folder}, name="distillation")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __getitem__(self, key: str):
+        """``result["steps_done"]``: the dict-style reading of earlier versions."""
+        return getattr(self, key)
+
+
 def distill_student(cfg: Any, *, callback: Callable[[dict], None] | None = None, stop_after: int | None = None,
                     teacher_fn: TeacherFn | None = None, teacher_key: dict | str | None = None,
-                    progress: Callable[[str], None] | None = report) -> dict:
+                    progress: Callable[[str], None] | None = report) -> DistillResult:
     """Precompute (or reuse) the teacher maps of the training cases and train the student.
 
     Args:
@@ -134,8 +172,7 @@ def distill_student(cfg: Any, *, callback: Callable[[dict], None] | None = None,
             teachers); ``teacher_key`` identifies it in the cache.
 
     Returns:
-        ``{"folder", "steps_done", "resumed_from", "teacher", "target",
-        "n_train_cases", "teacher_seconds"}`` (``target``: the transform's state).
+        a :class:`DistillResult`.
     """
     from .data.cohort import load_cohort
     from .train import _device_for, init_distributed
@@ -196,9 +233,8 @@ def distill_student(cfg: Any, *, callback: Callable[[dict], None] | None = None,
         files.write_json(model_json, spec)
     result = fit(student, DistillTask(cases, maps, cfg.patch, transform), settings, folder, callback=callback,
                  desc="distill", stop_after=stop_after)
-    return {"folder": str(folder), "steps_done": result.steps_done, "resumed_from": result.resumed_from,
-            "teacher": spec["teacher"], "target": transform.state(), "n_train_cases": len(cases),
-            "teacher_seconds": teacher_seconds}
+    return DistillResult(str(folder), result.steps_done, result.resumed_from, spec["teacher"], transform.state(),
+                         len(cases), teacher_seconds)
 
 
 @torch.inference_mode()

@@ -19,6 +19,7 @@ Artifacts: ``runs/<run>/distill/finetune/`` (one checkpointed run per fold and i
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -205,12 +206,70 @@ def _init_net(init: str, run_dir: Path, size: str | None, seed: int) -> tuple[nn
     raise ConfigError(f"init: expected one of {', '.join(INITS)}, found {init!r}")
 
 
+@dataclass
+class FinetuneCV:
+    """:func:`finetune_cv`'s outcome: per-case and per-fold Dice of each initialisation, and their test.
+
+    ``dice[init][case]`` is the held-out Dice of ``case`` in the fold that tested it
+    (``fold_of_case``); ``fold_dice[init]`` the mean per fold; ``test`` the paired Wilcoxon test
+    of distilled vs random initialisation when both ran (:func:`paired_test`).
+    """
+
+    k: int
+    folds: int
+    steps: int
+    seed: int
+    inits: list
+    patch: list
+    size: str
+    threshold: float
+    lesion_p: float
+    lr: float
+    batch: int
+    splits: list
+    dice: dict
+    fold_dice: dict
+    mean_dice: dict
+    fold_of_case: dict
+    test: dict | None = field(default=None)
+
+    def table(self):
+        """Mean Dice per fold and over cases, one column per initialisation (pandas)."""
+        import pandas as pd
+
+        out = pd.DataFrame(self.fold_dice, index=[f"fold {i}" for i in range(self.folds)])
+        out.loc["mean over cases"] = [self.mean_dice[i] for i in out.columns]
+        return out
+
+    def figure(self):
+        """Dice per held-out case, grouped by initialisation (plotly)."""
+        from .viz.plots import grouped_bars
+
+        return grouped_bars({f"{init} init": {c: self.dice[init][c] for c in self.fold_of_case} for init in self.inits},
+                            labels={c: f"{c} (fold {fold})" for c, fold in self.fold_of_case.items()},
+                            y_title=f"Dice at p >= {self.threshold:g}", y_range=(0, 1),
+                            title=f"fine-tuned on k = {self.k} cases per fold, {self.steps} steps: Dice per held-out case")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        if out["test"] is None:
+            del out["test"]
+        return out
+
+    def __getitem__(self, key: str):
+        """``result["dice"]``: the dict-style reading of earlier versions."""
+        return getattr(self, key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.to_dict()
+
+
 def finetune_cv(run_dir: str | Path, cases: Sequence, k: int, folds: int, steps: int,
                 init: str | Sequence[str] = INITS, seed: int = 0, *, patch=None, size: str | None = None,
                 batch: int = 2, lr: float = 1e-3, warmup: int | None = None, lesion_p: float = 0.5,
                 threshold: float = 0.5, overlap: float = 0.5, sw_batch: int = 2, device: str = "auto",
                 checkpoint_every: int | None = None, log_every: int = 5, amp: bool = True,
-                write: bool = True, progress: Callable[[str], None] | None = report) -> dict:
+                write: bool = True, progress: Callable[[str], None] | None = report) -> "FinetuneCV":
     """Low-shot fine-tuning with k-fold cross-validation, for each initialisation.
 
     Args:
@@ -230,9 +289,7 @@ def finetune_cv(run_dir: str | Path, cases: Sequence, k: int, folds: int, steps:
     (checkpointed; an interrupted run resumes).
 
     Returns:
-        ``{"k", "folds", "steps", "seed", "inits", "splits", "dice": {init: {case: Dice}},
-        "fold_dice": {init: [mean Dice per fold]}, "mean_dice": {init: float},
-        "test": paired_test(distilled, random) when both inits ran}``.
+        a :class:`FinetuneCV` (``distill/finetune.json`` holds its :meth:`~FinetuneCV.to_dict`).
     """
     run_dir = Path(run_dir)
     inits = [init] if isinstance(init, str) else list(init)
@@ -291,7 +348,7 @@ def finetune_cv(run_dir: str | Path, cases: Sequence, k: int, folds: int, steps:
     if write:
         files.write_json(run_dir / STAGE / "finetune.json", out)
         _write_finetune_nc(run_dir / STAGE / "finetune.nc", out)
-    return out
+    return FinetuneCV(**out)
 
 
 def _write_finetune_nc(path: Path, res: dict) -> Path:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -150,9 +151,57 @@ def _measure(screener, image, body, spacing, dev, repeats, warmup) -> dict:
     return out
 
 
+@dataclass
+class StudentComparison:
+    """:func:`student_vs_teacher`'s figures: ranking quality and speed of student and teacher, side by side.
+
+    Attributes:
+        teacher: the teacher method; cases: the labelled cases in the AUROC; device; isolated
+            (speed measured in fresh subprocesses).
+        auroc: ``{"teacher", "student", "difference"}`` pooled voxel AUROC (difference = student - teacher).
+        auroc_per_case: ``{case id: {"teacher", "student"}}``.
+        speed: ``{"case", "shape", "teacher", "student", "speedup", "memory_ratio"}``; the two
+            models' rows hold ``seconds``, ``voxels_per_s`` and the memory figures.
+        maps: ``{case id: {"teacher", "student"}}`` (X, Y, Z) maps when asked for (not in :meth:`to_dict`).
+    """
+
+    teacher: str
+    cases: list
+    auroc: dict
+    auroc_per_case: dict
+    speed: dict
+    device: str
+    isolated: bool
+    maps: dict | None = field(default=None, repr=False)
+
+    def table(self):
+        """Teacher and student: voxel AUROC, seconds per volume, Mvoxels / s, memory (a pandas table)."""
+        return summary_table(self)
+
+    def figure(self):
+        """Per-case AUROC of teacher and student (plotly bars)."""
+        import plotly.graph_objects as go
+
+        ids = list(self.auroc_per_case)
+        fig = go.Figure([go.Bar(name=name, x=ids, y=[self.auroc_per_case[c][name] for c in ids])
+                         for name in ("teacher", "student")])
+        fig.update_layout(barmode="group", yaxis=dict(title="voxel AUROC", range=[0, 1]), height=320,
+                          title=f"student vs teacher ({self.teacher}) per evaluation case")
+        return fig
+
+    def to_dict(self) -> dict:
+        """JSON-ready figures (``distill/comparison.json``), without the maps."""
+        return {"teacher": self.teacher, "cases": self.cases, "auroc": self.auroc, "auroc_per_case": self.auroc_per_case,
+                "speed": self.speed, "device": self.device, "isolated": self.isolated}
+
+    def __getitem__(self, key: str):
+        """``comparison["auroc"]``: the dict-style reading of earlier versions."""
+        return getattr(self, key)
+
+
 def student_vs_teacher(run_dir: str | Path, cases: Sequence, device: str = "auto", *, teacher: str | None = None,
                        overlap: float = 0.5, sw_batch: int = 2, repeats: int = 2, speed_case: str | None = None,
-                       isolate: bool = False, return_maps: bool = False) -> dict:
+                       isolate: bool = False, return_maps: bool = False) -> StudentComparison:
     """Student and teacher side by side, in one run.
 
     Args:
@@ -162,12 +211,10 @@ def student_vs_teacher(run_dir: str | Path, cases: Sequence, device: str = "auto
         isolate: measure speed and memory in a fresh subprocess per model
             (peak RSS = the child's ``VmHWM``; slower, independent of what this process
             allocated before); otherwise in this process (RSS sampled in a thread).
-        return_maps: also return ``"maps": {id: {"teacher", "student"}}`` (not JSON).
+        return_maps: also keep the maps (:attr:`StudentComparison.maps`).
 
     Returns:
-        ``{"teacher", "cases", "auroc": {"teacher", "student", "difference"},
-        "auroc_per_case": {id: {...}}, "speed": {"case", "shape", "teacher", "student",
-        "speedup", "memory_ratio"}, "device"}`` (difference = student - teacher).
+        a :class:`StudentComparison`.
     """
     from .inference import Screener
     from .metrics import voxel_auroc
@@ -217,11 +264,10 @@ def student_vs_teacher(run_dir: str | Path, cases: Sequence, device: str = "auto
     speed.update({"case": timed.id, "shape": list(timed.shape),
                   "speedup": speed["student"]["voxels_per_s"] / speed["teacher"]["voxels_per_s"],
                   "memory_ratio": _ratio(speed["teacher"], speed["student"])})
-    out = {"teacher": teacher, "cases": [c.id for c in labelled], "auroc": auroc, "auroc_per_case": per_case,
-           "speed": speed, "device": str(resolve_device(device)), "isolated": isolate}
-    if return_maps:
-        out["maps"] = {c.id: {"teacher": np.asarray(tmaps[c.id]), "student": smaps[c.id]} for c in labelled}
-    return out
+    maps = ({c.id: {"teacher": np.asarray(tmaps[c.id]), "student": smaps[c.id]} for c in labelled}
+            if return_maps else None)
+    return StudentComparison(teacher, [c.id for c in labelled], auroc, per_case, speed, str(resolve_device(device)),
+                             isolate, maps)
 
 
 def _ratio(teacher: dict, student: dict) -> float | None:
@@ -309,7 +355,7 @@ def bench_student_vs_teacher(run_dir: str | Path, *, case: str | None = None, de
     return out
 
 
-def summary_table(comparison: dict):
+def summary_table(comparison: "StudentComparison | dict"):
     """A small pandas table of :func:`student_vs_teacher`'s AUROC and speed."""
     import pandas as pd
 

@@ -308,7 +308,7 @@ def test_distill_with_a_case_cap_trains_on_that_subset(tmp_path):
     info = distill_student(distill_cfg(run, steps=2, teacher_cases=2), teacher_fn=known_teacher,
                            teacher_key="known", progress=None)
     spec = json.loads((run / "distill" / "model.json").read_text())
-    assert info["n_train_cases"] == 2 and len(spec["train_cases"]) == 2
+    assert info.n_train_cases == 2 and len(spec["train_cases"]) == 2
     assert sorted(p.stem for p in (run / "distill" / "teacher_maps").glob("*.npy")) == sorted(spec["train_cases"])
 
 
@@ -345,7 +345,7 @@ def test_lesion_centred_crops_contain_lesion_voxels(tmp_path):
 
 def test_distillation_reduces_the_error_on_held_out_cases(distilled, tmp_path):
     run, info = distilled
-    assert info["steps_done"] == 40
+    assert info.steps_done == 40
     held_out = load_cohort(run, "test")  # never used for distillation
     maps = {c.id: known_teacher(c) for c in held_out}
     trained, spec = load_student_unet(run)
@@ -466,7 +466,14 @@ def test_finetune_distilled_vs_random_same_budget(distilled, tmp_path):
     shutil.copytree(run, ft)
     cases = load_cohort(ft, "val")
     res = finetune_cv(ft, cases, k=1, folds=2, steps=3, seed=0, device="cpu", progress=None)
-    assert res["inits"] == ["distilled", "random"] and res["test"]["n"] == 2
+    assert res.inits == ["distilled", "random"] and res.test["n"] == 2
+    # the typed result: its table is the fold means and the mean over cases, computed here by hand
+    table = res.table()
+    for init in res.inits:
+        for f, split in enumerate(res.splits):
+            assert table.loc[f"fold {f}", init] == pytest.approx(np.mean([res.dice[init][c] for c in split["test"]]))
+        assert table.loc["mean over cases", init] == pytest.approx(np.mean(list(res.dice[init].values())))
+    assert len(res.figure().data) == 2
     for init in ("distilled", "random"):
         logs = [files.read_json(p) for p in (ft / "distill" / "finetune").rglob(f"{init}-fold*/spec.json")]
         assert len(logs) == 2 and all(s["steps"] == 3 for s in logs)
@@ -522,7 +529,7 @@ def test_student_of_a_real_tiny_run_reproduces_the_teacher(tmp_path, capsys):
                          patch=(32, 32, 32), warmup=10, lr=3e-3,
                          checkpoint_every=1000, log_every=20)
     info = distill_student(cfg, progress=None)
-    assert info["steps_done"] == 400 and info["teacher"] == "learned-flow"
+    assert info.steps_done == 400 and info.teacher == "learned-flow"
 
     model, patch = load_student(run)
     assert patch == (32, 32, 32)
@@ -540,15 +547,22 @@ def test_student_of_a_real_tiny_run_reproduces_the_teacher(tmp_path, capsys):
     # the teacher's ranking must carry information for "reproduce it" to mean something; after 15 SSL
     # and 30 density steps its sign is not guaranteed (measured 0.57 with the 8-channel tiny UNet,
     # 0.33 with the 16-channel one, 0.19 with the condition at 4e-3), only that it is far from chance
-    assert abs(res["auroc"]["teacher"] - 0.5) > 0.05
+    assert abs(res.auroc["teacher"] - 0.5) > 0.05
     from sklearn.metrics import roc_auc_score
 
-    labelled = [c for c in test_cases if c.id in res["maps"]]
+    labelled = [c for c in test_cases if c.id in res.maps]
     truth = np.concatenate([(np.asarray(c.label) > 0)[np.asarray(c.body)] for c in labelled])
     for name in ("teacher", "student"):  # pooled AUROC over body voxels, by sklearn
-        pooled = np.concatenate([res["maps"][c.id][name][np.asarray(c.body)] for c in labelled])
-        assert res["auroc"][name] == pytest.approx(roc_auc_score(truth, pooled), abs=1e-9)
-    assert res["auroc"]["difference"] == pytest.approx(res["auroc"]["student"] - res["auroc"]["teacher"])
+        pooled = np.concatenate([res.maps[c.id][name][np.asarray(c.body)] for c in labelled])
+        assert res.auroc[name] == pytest.approx(roc_auc_score(truth, pooled), abs=1e-9)
+    assert res.auroc["difference"] == pytest.approx(res.auroc["student"] - res.auroc["teacher"])
+    # the typed result: its table and figure show the same figures, its JSON form has no maps
+    table = res.table()
+    assert table.loc["student", "voxel AUROC"] == res.auroc["student"]
+    assert table.loc["teacher", "s / volume"] == res.speed["teacher"]["seconds"]
+    bars = {t.name: list(t.y) for t in res.figure().data}
+    assert bars["student"] == [res.auroc_per_case[c]["student"] for c in res.auroc_per_case]
+    assert "maps" not in json.loads(json.dumps(res.to_dict()))
     # "reproduces" is judged on the whole map's ranking inside the body (scipy's Spearman), against
     # the ranking the CT intensity alone gives: the AUROC of a 15-step teacher rests on a few hundred
     # lesion voxels and moves with every change to the tiny run (measured differences -0.025 to +0.081
@@ -557,8 +571,8 @@ def test_student_of_a_real_tiny_run_reproduces_the_teacher(tmp_path, capsys):
 
     for c in labelled:
         body = np.asarray(c.body)
-        teacher_map = res["maps"][c.id]["teacher"][body]
-        rho_student = spearmanr(teacher_map, res["maps"][c.id]["student"][body]).statistic
+        teacher_map = res.maps[c.id]["teacher"][body]
+        rho_student = spearmanr(teacher_map, res.maps[c.id]["student"][body]).statistic
         rho_intensity = abs(spearmanr(teacher_map, np.asarray(c.image)[body]).statistic)
         assert rho_student >= 0.85 and rho_student >= rho_intensity + 0.2, (c.id, rho_student, rho_intensity)
 
@@ -649,7 +663,7 @@ def test_cell_student_distils_the_teacher(tmp_path):
     cell_teacher.__name__ = "cell_teacher"
     info = distill_student(distill_cfg(run, student_grid="cells", patch=(48, 48, 32), steps=60), teacher_fn=cell_teacher,
                            progress=None)
-    assert info["steps_done"] == 60
+    assert info.steps_done == 60
     held_out = load_cohort(run, "test")
     maps = {c.id: cell_teacher(c) for c in held_out}
     trained, spec = load_student_unet(run)
@@ -658,3 +672,16 @@ def test_cell_student_distils_the_teacher(tmp_path):
     transform = student_transform(spec)
     mse = [heldout_mse(net, held_out, maps, (48, 48, 32), transform, n_crops=4) for net in (trained, untrained)]
     assert mse[0] < 0.5 * mse[1], mse
+
+
+def test_distill_result_is_typed_with_a_table(distilled):
+    run, info = distilled
+    from screener_nb.distill import DistillResult
+
+    assert isinstance(info, DistillResult)
+    table = info.table()
+    assert table["steps"] == info.steps_done == 40 and table["teacher"] == "known"
+    assert table["target"] == info.target["kind"] == "quantile"
+    assert info.to_dict()["n_train_cases"] == info.n_train_cases == 3
+    assert info["steps_done"] == info.steps_done  # the dict-style reading still works
+    assert json.loads(json.dumps(info.to_dict()))["folder"] == str(run / "distill")
