@@ -39,7 +39,7 @@ class RunDir(os.PathLike):
         """The folder of ``stage`` (a stage name), created when asked."""
         folder = get(stage).folder
         if folder is None:
-            raise InputError(self.path, f"a stage that keeps outputs", f"stage {stage!r}, which keeps none")
+            raise InputError(self.path, "a stage that keeps outputs", f"stage {stage!r}, which keeps none")
         return files.stage_dir(self.path, folder, create=create)
 
     def done(self, stage: str) -> bool:

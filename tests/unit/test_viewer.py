@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 import pytest
 
 from screener_nb.errors import ConfigError, InputError
-from screener_nb.viz import plots, viewer
+from screener_nb.viz import backend, plots, viewer
 
 
 def assert_shown(shown, expected):
@@ -158,7 +158,7 @@ def test_case_object_duck_typing(phantom):
 # ----------------------------------------------------------------------------- backend choice
 def test_auto_picks_offline_without_itkwidgets(phantom, monkeypatch, no_itk_import):
     image, amap, label = phantom
-    monkeypatch.setattr(viewer, "itkwidgets_installed", lambda: False)
+    monkeypatch.setattr(backend, "itkwidgets_installed", lambda: False)
     v = viewer.explore(image, amap, label, backend="auto", interactive=True, network=True)
     assert v.backend == "offline" and "not installed" in v.backend_reason
     assert "itkwidgets" not in sys.modules
@@ -166,7 +166,7 @@ def test_auto_picks_offline_without_itkwidgets(phantom, monkeypatch, no_itk_impo
 
 def test_auto_picks_offline_when_cdn_unreachable(phantom, monkeypatch, no_itk_import):
     image, amap, label = phantom
-    monkeypatch.setattr(viewer, "itkwidgets_installed", lambda: True)
+    monkeypatch.setattr(backend, "itkwidgets_installed", lambda: True)
     monkeypatch.delenv("SCREENER_VIEWER_NETWORK", raising=False)
     calls = []
 
@@ -174,7 +174,7 @@ def test_auto_picks_offline_when_cdn_unreachable(phantom, monkeypatch, no_itk_im
         calls.append(address)
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(viewer.socket, "create_connection", refuse)
+    monkeypatch.setattr(backend.socket, "create_connection", refuse)
     v = viewer.explore(image, amap, label, backend="auto", interactive=True)
     assert v.backend == "offline" and "unreachable" in v.backend_reason
     assert {h for h, _ in calls} == set(viewer.viewer_hosts()) and all(p == 443 for _, p in calls)
@@ -186,7 +186,7 @@ def test_auto_picks_offline_when_cdn_unreachable(phantom, monkeypatch, no_itk_im
 
 def test_headless_never_gets_itk(phantom, monkeypatch, no_itk_import):
     image, amap, label = phantom
-    monkeypatch.setattr(viewer, "itkwidgets_installed", lambda: True)
+    monkeypatch.setattr(backend, "itkwidgets_installed", lambda: True)
     monkeypatch.setenv("SCREENER_HEADLESS", "1")
     assert viewer.detect_interactive()[0] is False
     with pytest.warns(RuntimeWarning, match="headless"):
@@ -220,7 +220,7 @@ def test_itk_backend_wiring_with_fake_itkwidgets(phantom, monkeypatch, no_itk_im
     fake_ngff.to_ngff_image = lambda data, **kw: types.SimpleNamespace(data=data, **kw)
     monkeypatch.setitem(sys.modules, "itkwidgets", fake_itk)
     monkeypatch.setitem(sys.modules, "ngff_zarr", fake_ngff)
-    monkeypatch.setattr(viewer, "itkwidgets_installed", lambda: True)
+    monkeypatch.setattr(backend, "itkwidgets_installed", lambda: True)
 
     v = viewer.explore(image, amap, label, spacing, backend="auto", interactive=True, network=True, threshold=0.7)
     assert isinstance(v, viewer.ItkViewer) and v.backend == "itk"
@@ -252,7 +252,7 @@ def test_network_probe_and_override(monkeypatch):
         def __exit__(self, *a):
             return False
 
-    monkeypatch.setattr(viewer.socket, "create_connection", lambda addr, timeout=None: seen.append(addr) or Conn())
+    monkeypatch.setattr(backend.socket, "create_connection", lambda addr, timeout=None: seen.append(addr) or Conn())
     assert viewer.network_available(hosts=("a.example", "b.example")) is True
     assert sorted(seen) == [("a.example", 443), ("b.example", 443)]
     monkeypatch.setenv("SCREENER_VIEWER_NETWORK", "0")
