@@ -271,3 +271,57 @@ def test_rerun_skips_completed_stages(quick_run, capsys):
     out = capsys.readouterr().out
     for stage in ("data", "descriptor", "condition", "density", "distill", "evaluate"):
         assert f"[run] {stage}: done already, skipped" in out
+
+
+def test_distillation_comparison_is_reproduced_from_the_maps(quick_run):
+    """Stage 05's student-vs-teacher AUROCs: the student's maps recomputed here and the cached
+    teacher maps (one of them recomputed too), scored by sklearn."""
+    from sklearn.metrics import roc_auc_score
+
+    from screener_nb import config, files
+    from screener_nb.data.cohort import load_cohort
+    from screener_nb.inference import Screener
+
+    comparison = files.read_json(quick_run / "distill" / "comparison.json")
+    cfg = config.resolve("distill", profile="quick", run_dir=str(quick_run))
+    cases = {c.id: c for c in load_cohort(quick_run, role="test")}
+    labelled = [cases[i] for i in comparison["cases"]]
+    assert labelled and comparison["teacher"] == cfg.teacher
+    student = Screener.from_run(quick_run, student=True, device="cpu", overlap=cfg.overlap)
+    condition, density = cfg.teacher.split("-")
+    teacher = Screener.from_run(quick_run, density, condition, device="cpu", overlap=cfg.overlap)
+    maps = {"student": [student.score_preprocessed(c.image, c.body, c.spacing) for c in labelled],
+            "teacher": [np.load(quick_run / "distill" / "teacher_maps" / f"{c.id}.npy") for c in labelled]}
+    c = labelled[0]
+    np.testing.assert_allclose(maps["teacher"][0], teacher.score_preprocessed(c.image, c.body, c.spacing),
+                               rtol=1e-5, atol=1e-5)
+    y = np.concatenate([(np.asarray(c.label) > 0)[np.asarray(c.body)] for c in labelled])
+    for name, ms in maps.items():
+        pooled = np.concatenate([m[np.asarray(c.body)] for m, c in zip(ms, labelled)])
+        assert comparison["auroc"][name] == pytest.approx(roc_auc_score(y, pooled), abs=1e-6), name
+
+
+def test_explore_regions_are_the_maps_connected_components(quick_run):
+    """Stage 07's region table: the top region's peak and volume, from scipy's 26-connected
+    components of the shown map above its validation threshold, appear in the notebook's output."""
+    from scipy import ndimage
+
+    from screener_nb.results import display_thresholds, load_case_maps, load_results, main_method
+
+    results = load_results(quick_run)
+    best = main_method(results)
+    loaded = load_case_maps(quick_run)
+    amap = loaded.anomaly_maps[best]
+    threshold = display_thresholds(results, loaded.anomaly_maps, loaded.body)[best]
+    above = (amap >= threshold) & np.asarray(loaded.body, bool)
+    lab, n = ndimage.label(above, np.ones((3, 3, 3)))
+    nb = nbformat.read(quick_run / "notebooks" / "07_explore.ipynb", as_version=4)
+    out = "\n".join(o.get("text", "") if o.get("output_type") == "stream" else str(o.get("data", {}).get("text/plain", ""))
+                    for cell in nb.cells for o in cell.get("outputs", []))
+    if n == 0:
+        assert "no voxel above the threshold" in out
+        return
+    peaks = ndimage.maximum(amap, lab, index=np.arange(1, n + 1))
+    top = int(np.argmax(peaks)) + 1
+    volume_ml = float((lab == top).sum() * np.prod(loaded.spacing) / 1000)
+    assert f"{round(float(peaks[top - 1]), 3)}" in out and f"{round(volume_ml, 3)}" in out
