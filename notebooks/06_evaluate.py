@@ -182,6 +182,22 @@ scatter_figure(ds, "lesion_volume_ml").show()
 scatter_figure(ds, contrast_coordinate(ds)).show()
 
 # %% [markdown]
+# ### Per lesion kind
+# Voxel AUROC of each kind of finding, pooled over the test cases: the voxels of every
+# lesion of that kind against the normal body voxels of the same cases (other kinds'
+# lesions left out). The phantoms' kinds are regenerated from their seeds; a real case's
+# label is one kind. Liver, kidney and bone lesions are context anomalies (tissue that is
+# normal elsewhere in the body): this is where a learned condition should matter most.
+
+# %% papermill_description=per-kind
+from screener_nb.lesion_kinds import lesion_kind_table
+from screener_nb.results import main_method
+
+shown = [m for m in (main_method(ds), "learned-gaussian", "learned-flow", "none-gaussian", "student")
+         if m in set(map(str, ds.model.values))]
+lesion_kind_table(cfg.run_dir, list(dict.fromkeys(shown))).round(3)
+
+# %% [markdown]
 # ## Lesions as a radiologist counts them: FROC
 # Voxel metrics weigh a large consolidation more than ten small nodules. A reader
 # counts lesions: how many are found, at the price of how many false alarms per
