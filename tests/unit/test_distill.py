@@ -581,10 +581,12 @@ def test_student_of_a_real_tiny_run_reproduces_the_teacher(tmp_path, capsys):
 
     lines = []
     bench = bench_student_vs_teacher(run, repeats=1, device="cpu", print_fn=lines.append)
-    assert bench["case"] in {c.id for c in load_cohort(run)} and len(lines) == 5
-    for name in ("student", "teacher"):
+    # title, header, the student, its ONNX export, the teacher, the two speed-ups
+    assert bench["case"] in {c.id for c in load_cohort(run)} and len(lines) == 7, lines
+    for name in ("student", "student-onnx", "teacher"):
         assert bench[name]["voxels_per_s"] > 0 and bench[name]["maxrss_mb"] >= bench[name]["maxrss_before_mb"] > 0
     assert bench["speedup"] == pytest.approx(bench["student"]["voxels_per_s"] / bench["teacher"]["voxels_per_s"])
+    assert bench["onnx_speedup"] == pytest.approx(bench["student-onnx"]["voxels_per_s"] / bench["student"]["voxels_per_s"])
 
 
 def test_a_patch_the_student_cannot_take_is_refused_before_any_teacher_pass(tmp_path):
