@@ -329,9 +329,11 @@ def bench_student_vs_teacher(run_dir: str | Path, *, case: str | None = None, de
     try:  # the student exported to ONNX, run by onnxruntime on the CPU (optional [deploy] extra)
         import onnxruntime  # noqa: F401
 
-        from .deploy import export_student_onnx
+        from .deploy import ONNX_FILE, export_student_onnx
 
-        export_student_onnx(run_dir)
+        exported, weights = run_dir / "distill" / ONNX_FILE, run_dir / "distill" / "checkpoint.pt"
+        if not exported.is_file() or exported.stat().st_mtime_ns < weights.stat().st_mtime_ns:
+            export_student_onnx(run_dir)  # once per trained student, not at every benchmark
         names.insert(1, "student-onnx")
     except ImportError:
         print_fn("onnxruntime not installed: the ONNX student is not measured (pip install 'screener_nb[deploy]')")
