@@ -101,16 +101,13 @@ loss_curves({"step": steps_axis, **nll}, title="training NLL per descriptor dime
 # %% papermill_description=anomaly-maps
 from screener_nb.data.cohort import load_cohort
 from screener_nb.inference import Screener
-from screener_nb.methods import Method
 from screener_nb.viz.plots import histogram_by_class, lesion_centre, orthogonal_slices
 
 test_cases = [c for c in load_cohort(cfg.run_dir, role="test") if c.label is not None and c.label.any()]
 shown = [c for c in test_cases if c.dataset == "phantoms"][:1] + [c for c in test_cases if "lidc" in c.id][:1]
 main = config.resolve("evaluate", {"profile": cfg.profile}).main_method
 best = main if main in folders else "learned-flow" if "learned-flow" in folders else next(iter(folders))
-shown_method = Method.parse(best)
-screener = Screener.from_run(cfg.run_dir, density=shown_method.density, condition=shown_method.condition,
-                             device=cfg.device, overlap=cfg.overlap)
+screener = Screener.from_run(cfg.run_dir, best, device=cfg.device, overlap=cfg.overlap)
 maps = {c.id: screener.score_preprocessed(c.image, c.body, c.spacing) for c in shown}
 for c in shown:
     centre = lesion_centre(c.label)
@@ -132,14 +129,12 @@ histogram_by_class(maps[c.id], c.label > 0, roi=np.asarray(c.body), title=f"{c.i
 # (notebook 06 does the full evaluation, with every metric of the paper.)
 
 # %% papermill_description=quick-auroc
-from screener_nb.joint_scoring import JointDensityScorer
+from screener_nb.scoring import JointDensityScorer
 from screener_nb.metrics import voxel_auroc
 
 preview = test_cases[:3]  # a preview on a few cases keeps this cell short
 # all methods share the descriptor: one sliding-window pass scores every one of them
-joint = JointDensityScorer({name: Screener.from_run(cfg.run_dir, density=Method.parse(name).density,
-                                                    condition=Method.parse(name).condition, device=cfg.device,
-                                                    overlap=cfg.overlap)
+joint = JointDensityScorer({name: Screener.from_run(cfg.run_dir, name, device=cfg.device, overlap=cfg.overlap)
                             for name in folders})
 scores = [joint.score_all(c.image, c.body, c.spacing) for c in preview]
 rows = {name: voxel_auroc([s[name] for s in scores], [c.label > 0 for c in preview],

@@ -55,12 +55,13 @@ from torch import nn
 
 from . import files
 from .errors import InputError
+from .methods import Method
 from .progress import report
 from .runtime import resolve_device
 # the student and the teacher's maps live in their own modules; their names stay importable here
 from .student import (STAGE, STUDENT_GRIDS, TARGETS, CellStudent, ScaledStudent, TargetTransform,  # noqa: F401
                       build_student, check_patch, load_student, load_student_unet, student_spec, student_transform)
-from .teacher import (MAPS_DIR, TeacherFn, pooled_body_scores, run_teacher, split_teacher,  # noqa: F401
+from .teacher import (MAPS_DIR, TeacherFn, pooled_body_scores, run_teacher,  # noqa: F401
                       teacher_cache_key, teacher_maps)
 from .train import TrainSettings, fit
 
@@ -188,7 +189,7 @@ def distill_student(cfg: Any, *, callback: Callable[[dict], None] | None = None,
         raise InputError(run_dir / "data", f"training cases at least as large as the patch {tuple(cfg.patch)}",
                          f"smaller cases {', '.join(small[:5])} (use a smaller -p patch=...)")
     if teacher_fn is None:
-        split_teacher(cfg.teacher)
+        Method.parse(cfg.teacher, "teacher")
         files.require_stage(run_dir, "density")
     torch.manual_seed(cfg.seed)
     student = build_student(cfg.student_size, cfg.student_grid, cfg.pool_stride)  # a bad patch is refused before any teacher pass

@@ -7,7 +7,7 @@ accumulators keep their sorted normal scores on disk), writes each test map as N
 ORIGINAL scan grid and as a compact float16 copy on the preprocessed grid (for the viewer), then
 saves ``eval/metrics.nc`` (schema: :mod:`screener_nb.results`), the figures
 (:mod:`screener_nb.viz.eval_figures`) and ``eval/report.html`` (:mod:`screener_nb.report`). All
-density methods of a run are scored in one pass (:class:`~screener_nb.joint_scoring.JointDensityScorer`).
+density methods of a run are scored in one pass (:class:`~screener_nb.scoring.JointDensityScorer`).
 
 The names of those modules are re-exported here, so ``from screener_nb.evaluate import
 Evaluation, METRICS, ...`` keeps working.
@@ -28,7 +28,7 @@ from .errors import ConfigError, InputError
 from .rundir import RunDir
 from .evaluation import (CALIBRATION_RATE, FROC_MIN_REGION_ML, FROC_THRESHOLDS, THRESHOLD_RULES, Evaluation,
                          evaluate_maps, lesion_coords)
-from .joint_scoring import JointDensityScorer, joint_key
+from .scoring import JointDensityScorer, joint_key
 from .progress import report
 from .report import write_report
 from .results import (BEST_DICE_NOTE, CASE_COORDS, CURVE_POINTS, METRICS, OPERATING_METRICS, OPERATING_POINTS,
@@ -98,7 +98,7 @@ def make_scorer(run_dir: str | Path, method: str, *, device: str = "auto", overl
     if method.count("-") != 1:
         raise ConfigError(f"method {method!r}: expected <condition>-<density>, {', '.join(BASELINES)} or student")
     m = Method.parse(method)
-    return Screener.from_run(run_dir, m.density, m.condition, device=device, overlap=overlap, sw_batch=sw_batch)
+    return Screener.from_run(run_dir, m, device=device, overlap=overlap, sw_batch=sw_batch)
 
 
 # --------------------------------------------------------------------------- the stage

@@ -24,8 +24,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .distill import labelled_cases, split_teacher, student_spec, teacher_cache_key, teacher_maps
+from .distill import labelled_cases, student_spec, teacher_cache_key, teacher_maps
 from .errors import InputError
+from .methods import Method
 from .runtime import own_peak_rss_mb, resolve_device
 
 
@@ -222,13 +223,12 @@ def student_vs_teacher(run_dir: str | Path, cases: Sequence, device: str = "auto
     run_dir = Path(run_dir)
     spec = student_spec(run_dir)
     teacher = teacher or spec.get("teacher", "learned-flow")
-    condition, density = split_teacher(teacher)
     labelled = labelled_cases(cases)
     if not labelled:
         raise InputError("evaluation cases", "at least one case with a non-empty lesion label",
                          f"{len(cases)} cases, none labelled")
     student = Screener.from_run(run_dir, student=True, device=device, overlap=overlap, sw_batch=sw_batch)
-    teacher_screener = Screener.from_run(run_dir, density, condition, device=device, overlap=overlap,
+    teacher_screener = Screener.from_run(run_dir, Method.parse(teacher, "teacher"), device=device, overlap=overlap,
                                          sw_batch=sw_batch)
     def teacher_fn(case) -> np.ndarray:
         return teacher_screener.score_preprocessed(case.image, case.body, case.spacing, source=f"case {case.id}")
@@ -299,8 +299,8 @@ def _measure_child(arg: str) -> None:
         screener = Screener.from_run(a["run_dir"], student=True, device=a["device"], overlap=a["overlap"],
                                      sw_batch=a["sw_batch"], backend="onnx" if a["which"] == "student-onnx" else "torch")
     else:
-        condition, density = split_teacher(a["teacher"])
-        screener = Screener.from_run(a["run_dir"], density, condition, device=a["device"], overlap=a["overlap"],
+        screener = Screener.from_run(a["run_dir"], Method.parse(a["teacher"], "teacher"), device=a["device"],
+                                     overlap=a["overlap"],
                                      sw_batch=a["sw_batch"])
     before = own_peak_rss_mb()  # not ru_maxrss: it would include the parent's peak (see own_peak_rss_mb)
     out = measure_inference(screener, np.asarray(case.image), np.asarray(case.body), case.spacing, repeats=a["repeats"])

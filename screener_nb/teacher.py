@@ -29,7 +29,7 @@ TeacherFn = Callable[[Any], np.ndarray]
 
 def teacher_cache_key(run_dir: Path, teacher: str, overlap: float) -> dict:
     """What the cached teacher maps depend on: the method and its weights' files."""
-    condition, density = split_teacher(teacher)
+    condition = Method.parse(teacher, "teacher").condition
     stamp = {}
     for rel in (f"density/{teacher}/checkpoint.pt", "descriptor/checkpoint.pt",
                 *(["condition/checkpoint.pt"] if condition == "learned" else [])):
@@ -40,17 +40,11 @@ def teacher_cache_key(run_dir: Path, teacher: str, overlap: float) -> dict:
     return {"teacher": teacher, "overlap": overlap, "weights": stamp}
 
 
-def split_teacher(teacher: str, name: str = "teacher") -> tuple[str, str]:
-    """``"learned-flow" -> ("learned", "flow")``; a clear error naming parameter ``name`` otherwise."""
-    m = Method.parse(teacher, name)
-    return m.condition, m.density
-
-
 def run_teacher(run_dir: str | Path, teacher: str = "learned-flow", device: str | torch.device = "auto",
                 overlap: float = 0.5, sw_batch: int = 2) -> TeacherFn:
     """``case -> (X, Y, Z) float32`` whole-volume anomaly map of the run's frozen pipeline."""
-    condition, density = split_teacher(teacher)
-    screener = Screener.from_run(run_dir, density, condition, device=device, overlap=overlap, sw_batch=sw_batch)
+    screener = Screener.from_run(run_dir, Method.parse(teacher, "teacher"), device=device, overlap=overlap,
+                                 sw_batch=sw_batch)
 
     def teacher_fn(case) -> np.ndarray:
         return screener.score_preprocessed(case.image, case.body, case.spacing, source=f"case {case.id}")

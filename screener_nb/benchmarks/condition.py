@@ -142,7 +142,6 @@ def fit_density(kind: str, pairs: list[tuple[torch.Tensor, torch.Tensor | None, 
             start = [int(rng.integers(0, max(1, n - crop + 1))) for n in grid]
             sl = tuple(slice(s, s + crop) for s in start)
             yy = y[(...,) + sl].float()
-            shp = yy.shape[1:]
             # crops of unequal size at scan borders: keep to the common minimum
             ys.append(yy); cs.append(None if c is None else c[(...,) + sl].float()); bs.append(body[sl])
         m = [min(t.shape[i] for t in bs) for i in range(3)]
@@ -258,7 +257,6 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from ..data.cohort import load_cohort, read_index
-    from ..features import FeatureExtractor
     from ..ssl.task import load_encoder
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -288,7 +286,6 @@ def main(argv=None) -> None:
     mu, sd = ys.mean(1), ys.std(1).clamp_min(1e-3)
     for f in feats.values():
         f["ys"] = ((f["y"].float() - mu[:, None, None, None]) / sd[:, None, None, None])
-    dim = ys.shape[0]
     # what the context regresses: y itself, or the standardised cell intensities (then c says what
     # tissue the surroundings expect, and q(y | c) learns y's distribution in that tissue)
     if args.context_target == "intensity":

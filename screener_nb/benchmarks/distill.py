@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..data.cohort import load_cohort
     from ..distill import distill_student
     from ..inference import Screener
+    from ..methods import Method
 
     source, out = Path(args.run), Path(args.out)
     params = dict(kv.split("=", 1) for kv in args.p)
@@ -89,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     distill_student(cfg, progress=None)
     seconds = time.perf_counter() - t0
-    condition, density = cfg.teacher.split("-", 1)
-    teacher = Screener.from_run(run, density, condition, device=cfg.device, overlap=cfg.overlap)
+    teacher = Screener.from_run(run, Method.parse(cfg.teacher, "teacher"), device=cfg.device, overlap=cfg.overlap)
     student = Screener.from_run(run, student=True, device=cfg.device, overlap=cfg.overlap)
     row = {"tag": args.tag, "run": str(source), "teacher": cfg.teacher, "steps": cfg.steps, "patch": list(cfg.patch),
            "params": {k: str(v) for k, v in params.items()}, "distill_s": round(seconds, 1),

@@ -6,7 +6,7 @@ process (so neither inherits the other's memory) on the same preprocessed volume
 * ``windowed`` (:class:`screener_nb.inference.Screener`): descriptor, condition,
   pooling, -log q and upsampling inside each sliding window; only a one-channel
   map is stitched.
-* ``naive`` (:func:`screener_nb.inference.naive_anomaly_map`): MONAI stitches the
+* ``naive`` (:func:`naive_anomaly_map`): MONAI stitches the
   full descriptor and condition maps (D + C channels) of the whole volume, then
   the density is applied.
 * ``encoders`` (the floor, :func:`encoders_only_map`): the same windows through the
@@ -45,13 +45,14 @@ def demo_pipeline(run: str | None, method: str = "learned-flow", device: str = "
     import torch
 
     from .. import config
-    from ..distill import split_teacher
     from ..inference import FeatureExtractor, Screener
     from ..data.preprocess import PreprocessParams
+    from ..methods import Method
 
-    condition, density = split_teacher(method, "--method")
+    chosen = Method.parse(method, "--method")
+    condition, density = chosen.condition, chosen.density
     if run:
-        return Screener.from_run(run, density, condition, device=device)
+        return Screener.from_run(run, chosen, device=device)
     from ..density_fit import build_density_model
     from ..ssl.task import build_encoder, encoder_spec
 
@@ -74,6 +75,39 @@ def demo_pipeline(run: str | None, method: str = "learned-flow", device: str = "
     screener = Screener.from_parts(extractor, model, tuple(dcfg.patch), params, method, device=device,
                                    overlap=0.5, sw_batch=2)
     return screener
+
+
+def naive_anomaly_map(extractor, density, image, spacing, patch,
+                      overlap: float = 0.5, sw_batch: int = 2) -> np.ndarray:
+    """The straightforward way, for the benchmark: stitch the full-resolution
+    descriptor and condition maps of the whole volume with MONAI, then pool
+    and apply the density. Memory grows with D + C channels of the whole CT.
+
+    Windows run on the extractor's device (bf16 on CUDA, as in :class:`Screener`);
+    the stitched maps live in CPU memory, as the windowed pipeline's map does.
+    """
+    import numpy as np
+    import torch
+
+    from ..errors import ConfigError
+    from ..features import stitch_encoder
+    from ..models.density import pool_features, upsample_scores
+
+    if extractor.context:
+        raise ConfigError("naive_anomaly_map compares the paper's window modes; a run with the context "
+                          "condition is scored scan by scan (Screener.score_preprocessed)")
+    dev = next(extractor.parameters()).device
+    x = torch.from_numpy(np.asarray(image, np.float32))[None, None]
+    with torch.inference_mode():
+        feats = [stitch_encoder(extractor.descriptor, x, patch, overlap, sw_batch)]
+        if extractor.condition_kind == "learned":
+            feats.append(stitch_encoder(extractor.condition_encoder, x, patch, overlap, sw_batch))
+        y = pool_features(feats[0], extractor.pool_stride).to(dev)
+        c = pool_features(feats[1], extractor.pool_stride).to(dev) if len(feats) > 1 else None
+        if extractor.condition_kind == "sincos":
+            c = extractor.sincos(torch.zeros(1, 3), tuple(y.shape[2:])).to(dev)
+        nll = -density.log_prob(y, c).float().cpu()
+    return upsample_scores(nll, tuple(x.shape[2:]))[0].numpy()
 
 
 def encoders_only_map(extractor, image, patch, overlap: float, sw_batch: int):
@@ -106,7 +140,6 @@ def _child(args) -> None:
     torch.set_num_threads(args.threads)
     from ..data.io import read_volume
     from ..data.preprocess import preprocess
-    from ..inference import naive_anomaly_map
 
     screener = demo_pipeline(args.run, args.method, device=args.device)
     net = getattr(screener.extractor, "condition_encoder", None) if screener.extractor is not None else None
@@ -258,12 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         _child(args)
         return 0
 
-    from ..distill import split_teacher
+    from ..methods import Method
     from ..runtime import environment_report, resolve_device
 
     env = environment_report()
     # checked here, built only in the children: the parent holds no model (nor a CUDA context)
-    split_teacher(args.method, "--method")
+    Method.parse(args.method, "--method")
     device = resolve_device(args.device)
     what = f"trained run {args.run}" if args.run else "demo architecture, random init (speed does not depend on the weights)"
     print(f"bench inference: {args.method}, {what}; device {device}; {args.threads} torch threads on "

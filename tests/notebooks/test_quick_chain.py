@@ -143,12 +143,12 @@ def test_residual_map_alone_equals_the_joint_pass(quick_run):
     """Scored alone, the residual skips the descriptor pass; its map equals the one scored with the
     descriptor's densities in one joint pass."""
     from screener_nb.data.cohort import load_cohort
-    from screener_nb.joint_scoring import JointDensityScorer
+    from screener_nb.scoring import JointDensityScorer
     from screener_nb.inference import Screener
 
     case = load_cohort(quick_run, role="test")[0]
-    alone = Screener.from_run(quick_run, density="residual", device="cpu")
-    joint = JointDensityScorer({m: Screener.from_run(quick_run, density=m.split("-")[1], device="cpu")
+    alone = Screener.from_run(quick_run, "learned-residual", device="cpu")
+    joint = JointDensityScorer({m: Screener.from_run(quick_run, m, device="cpu")
                                 for m in ("learned-gaussian", "learned-residual")})
     together = joint.score_all(case.image, case.body, case.spacing)
     np.testing.assert_allclose(alone.score_preprocessed(case.image, case.body, case.spacing),
@@ -172,8 +172,7 @@ def strongest_lesion_auroc(run: Path, method: str) -> tuple[str, float]:
     cid, lesion = max(((cid, les) for cid in cases for les in table.get(cid, [])),
                       key=lambda item: abs(item[1]["contrast_hu"]))
     case = cases[cid]
-    condition, density = method.split("-")
-    screener = Screener.from_run(run, density=density, condition=condition, device="cpu")
+    screener = Screener.from_run(run, method, device="cpu")
     scores = screener.score_preprocessed(np.asarray(case.image), np.asarray(case.body), case.spacing)
     truth = phantom_truth(run, case)
     assert ((truth.labels > 0) == (np.asarray(case.label) > 0)).all()  # the regenerated lesions are the run's
@@ -288,8 +287,7 @@ def test_distillation_comparison_is_reproduced_from_the_maps(quick_run):
     labelled = [cases[i] for i in comparison["cases"]]
     assert labelled and comparison["teacher"] == cfg.teacher
     student = Screener.from_run(quick_run, student=True, device="cpu", overlap=cfg.overlap)
-    condition, density = cfg.teacher.split("-")
-    teacher = Screener.from_run(quick_run, density, condition, device="cpu", overlap=cfg.overlap)
+    teacher = Screener.from_run(quick_run, cfg.teacher, device="cpu", overlap=cfg.overlap)
     maps = {"student": [student.score_preprocessed(c.image, c.body, c.spacing) for c in labelled],
             "teacher": [np.load(quick_run / "distill" / "teacher_maps" / f"{c.id}.npy") for c in labelled]}
     c = labelled[0]

@@ -526,10 +526,9 @@ def test_stage_on_a_tiny_real_run(tmp_path):
     from screener_nb.baselines import init_descriptor_gaussian
 
     for method in ("learned-flow", "sincos-gaussian", "init-gaussian"):
-        cond, dens = method.split("-")
         screener = (init_descriptor_gaussian(run, device="cpu", overlap=cfg.overlap, sw_batch=cfg.sw_batch)
                     if method == "init-gaussian" else
-                    Screener.from_run(run, dens, cond, device="cpu", overlap=cfg.overlap, sw_batch=cfg.sw_batch))
+                    Screener.from_run(run, method, device="cpu", overlap=cfg.overlap, sw_batch=cfg.sw_batch))
         c = test[0]
         user = screener.anomaly_map(originals[c.id], progress=False)
         stored = nib.load(run / "eval" / "maps" / method / f"{c.id}.nii.gz")

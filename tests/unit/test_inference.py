@@ -115,7 +115,7 @@ def test_one_window_covering_the_volume_equals_the_direct_computation(parts, met
 def test_the_benchmarks_naive_map_equals_the_windowed_one_where_one_window_covers_the_volume(parts, method):
     """The naive baseline of ``bench inference`` (stitch features, then the density) computes the
     same map as the windowed pipeline when there is nothing to blend (inside the body)."""
-    from screener_nb.inference import naive_anomaly_map
+    from screener_nb.benchmarks.inference import naive_anomaly_map
 
     extractor, density = parts[method]
     image = np.random.default_rng(4).random((48, 48, 32), dtype=np.float32)
@@ -175,9 +175,27 @@ def test_bad_volumes_are_clear_errors(tmp_path):
 
 def test_unknown_method_names():
     with pytest.raises(ConfigError, match=r"unknown density 'maf'; known: gaussian, flow"):
-        Screener.from_run("nowhere", density="maf", condition="learned")
+        Screener.from_run("nowhere", "learned-maf")
     with pytest.raises(ConfigError, match=r"unknown condition 'pos'; known: none, sincos, learned"):
-        Screener.from_run("nowhere", density="flow", condition="pos")
+        Screener.from_run("nowhere", "pos-flow")
+    with pytest.raises(ConfigError, match=r"expected <condition>-<density>.*found 'flow learned'"):
+        Screener.from_run("nowhere", "flow learned")
+
+
+@pytest.mark.parametrize("call", [
+    lambda run: Screener.from_run(run, "gaussian", "none"),            # the older positional order
+    lambda run: Screener.from_run(run, density="gaussian", condition="none"),
+])
+def test_the_older_density_condition_order_still_works_and_warns(tmp_path, call):
+    """The (density, condition) arguments name the same method as "none-gaussian", with a warning
+    that says what to write instead."""
+    run = _fake_run(tmp_path, dim_in_density=8)
+    with pytest.warns(DeprecationWarning, match=r"pass the method name, Screener.from_run\(run, 'none-gaussian'\)"):
+        old = call(run)
+    new = Screener.from_run(run, "none-gaussian")
+    assert old.method == new.method == "none-gaussian"
+    x = torch.rand(1, 1, 32, 16, 16)
+    torch.testing.assert_close(old.score_window(x, torch.zeros(1, 3)), new.score_window(x, torch.zeros(1, 3)))
 
 
 def _fake_run(tmp_path, dim_in_density: int):
@@ -203,17 +221,24 @@ def _fake_run(tmp_path, dim_in_density: int):
         "condition": "none", "density": "gaussian", "dim": dim_in_density, "cond_dim": 0, "flow_depth": 2,
         "flow_hidden": 8, "patch": [16, 16, 16], "pool_stride": [3, 3, 2], "sincos_dim": 12,
         "spacing": [1.5, 1.5, 2.25]})
+    if dim_in_density == 8:  # a loadable density: random weights of the fitted model's architecture
+        from screener_nb.density_fit import _LogProb, build_density_model
+
+        spec = files.read_json(run / "density" / "none-gaussian" / "model.json")
+        wrapped = _LogProb(build_density_model(spec))
+        files.torch_save({"model": wrapped.state_dict(), "signature": model_signature(wrapped), "step": 1},
+                         run / "density" / "none-gaussian" / "checkpoint.pt")
     return run
 
 
 def test_missing_stage_and_mismatched_dimensions(tmp_path):
     with pytest.raises(InputError, match=r"expected a completed 'data' stage"):
-        Screener.from_run(tmp_path, density="gaussian", condition="none")
+        Screener.from_run(tmp_path, "none-gaussian")
     run = _fake_run(tmp_path, dim_in_density=16)
     with pytest.raises(InputError, match=r"expected dimensions matching the run's encoders \(d=8, c=0\).*found d=16"):
-        Screener.from_run(run, density="gaussian", condition="none")
+        Screener.from_run(run, "none-gaussian")
     with pytest.raises(InputError, match=r"a fitted 'learned-flow' density model.*only none-gaussian"):
-        Screener.from_run(run, density="flow", condition="learned")
+        Screener.from_run(run, "learned-flow")
 
 
 def test_the_benchmarks_encoder_floor_runs_both_encoders_on_every_window(parts):
