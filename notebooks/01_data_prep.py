@@ -62,9 +62,10 @@ print(config.as_dict(cfg))
 # %% papermill_description=build-cohort
 import pandas as pd
 
-from screener_nb.data.build import cohort_summary, prepare_data
+from screener_nb.data.build import cohort_summary
+from screener_nb.stages import run_stage
 
-index = prepare_data(cfg)
+index = run_stage("data", cfg)  # prepare_data, then the stage's DONE marker
 summary = pd.DataFrame(cohort_summary(cfg.run_dir))
 summary
 
@@ -121,7 +122,4 @@ if raw is not None:
     print(f"Dice between the round-tripped label and the phantom's exact mask: {dice:.3f}")
 
 # %%
-from screener_nb.rundir import RunDir
-
-RunDir(cfg.run_dir).mark_done("data", {"cases": len(summary), "datasets": sorted(set(summary.dataset))})
 print(f"data stage done: {len(summary)} cases in {cfg.run_dir}/data")

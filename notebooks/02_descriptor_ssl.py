@@ -78,12 +78,12 @@ pair_figure(pair)
 # again and it continues where it stopped. Interactively the loss curve updates live.
 
 # %% papermill_description=train-descriptor
-from screener_nb.ssl.task import train_encoder
+from screener_nb.stages import run_stage
 from screener_nb.viz.live import LiveCurve
 
 live = LiveCurve(["loss", "invariance", "variance", "covariance"], title="descriptor SSL")
 live.show()
-result = train_encoder(cfg, callback=live.update)
+result = run_stage("descriptor", cfg, callback=live.update)  # train_encoder; DONE once trained
 print(f"trained to step {result.steps_done} (resumed from {result.resumed_from})")
 
 # %%
@@ -164,5 +164,5 @@ pd.DataFrame(rates).T
 # %%
 from screener_nb.rundir import RunDir
 
-RunDir(cfg.run_dir).mark_done("descriptor", {"steps": result.steps_done, "retrieval": rates, "collapse": mon})
-print("descriptor stage done")
+RunDir(cfg.run_dir).write_summary("descriptor", {"retrieval": rates, "collapse": mon})
+print(f"descriptor stage done: {result.steps_done} steps; checks in {cfg.run_dir}/descriptor/summary.json")

@@ -119,13 +119,13 @@ else:
                 index=grid[2] // 2)
 
 # %% papermill_description=train-condition
-from screener_nb.stages import train_stage
+from screener_nb.stages import run_stage
 from screener_nb.viz.live import LiveCurve
 
 curves = ["loss"] if cfg.condition_model == "context" else ["loss", "invariance", "variance", "covariance"]
 live = LiveCurve(curves, title=f"condition ({cfg.condition_model})")
 live.show()
-result = train_stage("condition", cfg, callback=live.update)
+result = run_stage("condition", cfg, callback=live.update)  # DONE once trained
 print(f"trained to step {result.steps_done} (resumed from {result.resumed_from})")
 
 # %%
@@ -197,6 +197,5 @@ else:
 # %%
 from screener_nb.rundir import RunDir
 
-RunDir(cfg.run_dir).mark_done("condition", {"steps": result.steps_done, "model": cfg.condition_model,
-                                          "quality": quality})
-print("condition stage done")
+RunDir(cfg.run_dir).write_summary("condition", {"quality": quality})
+print(f"condition stage done: {result.steps_done} steps; checks in {cfg.run_dir}/condition/summary.json")

@@ -72,9 +72,9 @@ print(config.as_dict(cfg))
 # the flow from over-fitting). The loss is the mean NLL over all grid positions.
 
 # %% papermill_description=fit-densities
-from screener_nb.density_fit import fit_densities
+from screener_nb.stages import run_stage
 
-folders = fit_densities(cfg)
+folders = run_stage("density", cfg)  # fit_densities; DONE once every method is fitted
 print("fitted:", ", ".join(folders))
 
 # %%
@@ -176,5 +176,5 @@ else:
 # %%
 from screener_nb.rundir import RunDir
 
-RunDir(cfg.run_dir).mark_done("density", {"methods": list(folders), "auroc_preview": rows})
-print("density stage done")
+RunDir(cfg.run_dir).write_summary("density", {"auroc_preview": rows})
+print(f"density stage done: {', '.join(folders)}")

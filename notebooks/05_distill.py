@@ -84,12 +84,12 @@ print(config.as_dict(cfg))
 # The shared training loop checkpoints atomically: re-running this cell resumes.
 
 # %% papermill_description=distill-student
-from screener_nb.distill import distill_student
+from screener_nb.stages import run_stage
 from screener_nb.viz.live import LiveCurve
 
 live = LiveCurve(["loss"], title=f"student MSE to the {cfg.target}-transformed teacher map")
 live.show()
-info = distill_student(cfg, callback=live.update)
+info = run_stage("distill", cfg, callback=live.update)  # distill_student; DONE once trained
 target = info.target
 print(f"teacher {info.teacher}: maps of {info.n_train_cases} training cases ready in "
       f"{info.teacher_seconds:.1f} s (cached ones are reused); teacher scores in the body: mean "
@@ -241,8 +241,8 @@ print(test["note"])
 # %%
 from screener_nb.rundir import RunDir
 
-RunDir(cfg.run_dir).mark_done("distill", {
-    "steps": info.steps_done, "teacher": comparison.teacher, "auroc": comparison.auroc,
+RunDir(cfg.run_dir).write_summary("distill", {
+    "teacher": comparison.teacher, "auroc": comparison.auroc,
     "speedup": comparison.speed["speedup"], "held_out_mse": held_out,
     "finetune": {"k": ft["k"], "folds": ft["folds"], "mean_dice": ft["mean_dice"], "wilcoxon_p": test["p_value"]},
 })

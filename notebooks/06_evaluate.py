@@ -114,9 +114,9 @@ pd.DataFrame(rows).T.round(3)
 # reused.
 
 # %% papermill_description=evaluate-methods
-from screener_nb.evaluate import run_evaluation
+from screener_nb.stages import run_stage
 
-ds = run_evaluation(cfg)
+ds = run_stage("evaluate", cfg)  # run_evaluation; DONE once metrics, maps and report are written
 print(f"{ds.sizes['case']} test case(s), {int(ds.attrs['n_val_cases'])} validation case(s), "
       f"methods: {', '.join(map(str, ds.model.values))}")
 ds
@@ -275,6 +275,4 @@ from screener_nb.rundir import RunDir
 run = RunDir(cfg.run_dir)
 report = run.stage_dir("evaluate") / "report.html"
 print(f"report: {report.resolve()} ({report.stat().st_size / 1e6:.1f} MB)")
-run.mark_done("evaluate",
-              {"methods": [str(m) for m in ds.model.values], "best": best, "max_fpr": cfg.max_fpr})
-print("evaluation stage done")
+print(f"evaluation stage done; highest pooled AUROC here: {best}")

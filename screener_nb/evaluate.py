@@ -54,8 +54,9 @@ def available_methods(run_dir: str | Path) -> list[str]:
 
     run_dir = Path(run_dir)
     out = [str(m) for m in Method.all() if (run_dir / "density" / str(m) / "model.json").is_file()]
-    out += [b for b in BASELINES if b == "zscore" or (run_dir / "descriptor" / "DONE").exists()]
-    if (run_dir / "distill" / "DONE").exists():
+    run = RunDir(run_dir)
+    out += [b for b in BASELINES if b == "zscore" or run.done("descriptor")]
+    if run.done("distill"):
         out.append("student")
     return out
 
@@ -111,7 +112,7 @@ def _map_paths(eval_dir: Path, method: str, case_id: str) -> dict[str, Path]:
 def _source_stamp(run_dir: Path, method: str, overlap: float) -> dict:
     """What a cached map depends on: the producing stage's completion time and the window overlap."""
     stage = {"zscore": "data", "init-gaussian": "descriptor", "student": "distill"}.get(method, "density")
-    done = run_dir / stage / "DONE"
+    done = RunDir(run_dir).stage_dir(stage, create=False) / files.DONE
     return {"model": method, "overlap": float(overlap),
             "stage_done_mtime_ns": done.stat().st_mtime_ns if done.exists() else None}
 

@@ -106,7 +106,11 @@ def stage_dir(run_dir: str | Path, stage: str, *, create: bool = True) -> Path:
     return path
 
 
-def require_stage(run_dir: str | Path, stage: str, marker: str = "DONE") -> Path:
+#: a stage's completion marker, written last of all its files
+DONE = "DONE"
+
+
+def require_stage(run_dir: str | Path, stage: str, marker: str = DONE) -> Path:
     """Return ``runs/<run>/<stage>`` or raise if that stage has not completed."""
     path = Path(run_dir) / stage
     if not (path / marker).exists():
@@ -120,4 +124,4 @@ def require_stage(run_dir: str | Path, stage: str, marker: str = "DONE") -> Path
 
 def mark_done(run_dir: str | Path, stage: str, info: dict | None = None) -> Path:
     """Write the stage's completion marker (atomically, last of all its files)."""
-    return write_json(Path(run_dir) / stage / "DONE", info or {})
+    return write_json(Path(run_dir) / stage / DONE, info or {})

@@ -2,7 +2,9 @@
 
 Stage folders come from the registry (:data:`screener_nb.stages.REGISTRY`: the
 ``evaluate`` stage writes ``eval/``), so no other module spells them. Writes are atomic
-(:mod:`screener_nb.files`); ``DONE`` is written last of all a stage's files.
+(:mod:`screener_nb.files`); ``DONE`` is written last of all a stage's work, by
+:func:`screener_nb.stages.run_stage`. A notebook's own checks of its stage (retrieval rates,
+quality figures, a preview AUROC) go to ``summary.json`` beside it (:meth:`RunDir.write_summary`).
 
 >>> run = RunDir("runs/demo")
 >>> run.stage_dir("evaluate", create=False).as_posix()
@@ -17,7 +19,8 @@ from . import files
 from .errors import InputError
 from .stages import get
 
-DONE = "DONE"
+DONE = files.DONE
+SUMMARY = "summary.json"
 
 
 class RunDir(os.PathLike):
@@ -52,5 +55,17 @@ class RunDir(os.PathLike):
         return files.require_stage(self.path, self.stage_dir(stage, create=False).name, DONE)
 
     def mark_done(self, stage: str, info: dict | None = None) -> Path:
-        """Write ``stage``'s ``DONE`` marker (atomically; call it after all its other files)."""
+        """Write ``stage``'s ``DONE`` marker (atomically; :func:`~screener_nb.stages.run_stage` calls
+        it after all the stage's other files; tests and tools that build a run by hand call it too)."""
         return files.mark_done(self.path, self.stage_dir(stage).name, info)
+
+    def write_summary(self, stage: str, info: dict) -> Path:
+        """Write the notebook's checks of ``stage`` to ``<folder>/summary.json`` (atomically, JSON)."""
+        return files.write_json(self.stage_dir(stage) / SUMMARY, info)
+
+    def summary(self, stage: str) -> dict:
+        """What :meth:`write_summary` wrote for ``stage``; a clear error when there is none."""
+        path = self.stage_dir(stage, create=False) / SUMMARY
+        if not path.is_file():
+            raise InputError(path, f"the {stage} notebook's summary", "no such file: run the stage's notebook")
+        return files.read_json(path)

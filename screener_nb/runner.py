@@ -10,9 +10,10 @@ work:
   call with different values on the same directory is refused rather than
   mixing two configurations silently (``--force`` a stage to redo it);
 * ``run.json``      environment (package versions, device), stage timings;
-* ``<stage>/DONE``  written by a notebook as its last act; completed stages
-  are skipped when the run is started again, an interrupted stage is re-run
-  and its training resumes from the last checkpoint.
+* ``<stage>/DONE``  written when the stage's work is complete, by the library's
+  stage function (:func:`screener_nb.stages.run_stage`, which the notebook calls);
+  completed stages are skipped when the run is started again, an interrupted
+  stage is re-run and its training resumes from the last checkpoint.
 """
 from __future__ import annotations
 

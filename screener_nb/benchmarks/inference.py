@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from ..methods import Method
+    from ..rundir import RunDir
     from ..runtime import environment_report, resolve_device
 
     env = environment_report()
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["save"] = str(save)
                 rows.append(r)
             report["volumes"].append(_report(name, rows))
-    if args.run and not args.skip_student and (Path(args.run) / "distill" / "DONE").exists():
+    if args.run and not args.skip_student and RunDir(args.run).done("distill"):
         from ..student_eval import bench_student_vs_teacher
 
         print("\n== distilled student vs its teacher")

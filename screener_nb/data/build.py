@@ -91,8 +91,11 @@ def prepare_data(cfg: Any, *, progress: Callable[[str], None] | None = report) -
     Returns the index (as written). Idempotent: a finished data stage is
     returned as is (the runner skips it; delete or ``--force`` to rebuild).
     """
-    data_dir = files.stage_dir(cfg.run_dir, "data")
-    if (data_dir / "DONE").exists():
+    from ..rundir import RunDir
+
+    run = RunDir(cfg.run_dir)
+    data_dir = run.stage_dir("data")
+    if run.done("data"):
         return files.read_json(data_dir / "index.json")
     params = preprocess_params(cfg)
     sources = []

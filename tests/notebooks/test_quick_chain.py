@@ -68,7 +68,7 @@ def test_context_condition_learns_to_predict_from_the_surroundings(quick_run):
 
     assert config.resolve("condition", profile="quick").condition_model == "context"
     assert files.read_json(quick_run / "condition" / "model.json")["kind"] == "context"
-    quality = files.read_json(quick_run / "condition" / "DONE")["quality"]
+    quality = files.read_json(quick_run / "condition" / "summary.json")["quality"]
     for key, trained in quality.items():
         if key.startswith("R^2 trained"):
             random = quality[key.replace("trained", "random init")]

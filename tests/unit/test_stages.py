@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -25,19 +26,76 @@ def test_registry_lists_every_configured_stage_with_its_notebook_in_order():
     assert stages.DEFAULT_STAGES == list(stages.REGISTRY)[:-1]
 
 
-def test_trainers_resolve_to_the_library_functions():
+def test_stage_functions_resolve_to_the_library_functions():
+    from screener_nb.data.build import prepare_data
     from screener_nb.density_fit import fit_densities
     from screener_nb.distill import distill_student
+    from screener_nb.evaluate import run_evaluation
+    from screener_nb.ssl.context_task import train_context
     from screener_nb.ssl.task import train_encoder
 
-    expected = {"descriptor": train_encoder, "condition": train_encoder, "density": fit_densities,
-                "distill": distill_student}
-    got = {n: stages._function(s.trainer) for n, s in stages.REGISTRY.items() if s.trainer}
+    expected = {"data": prepare_data, "descriptor": train_encoder, "condition": train_encoder,
+                "density": fit_densities, "distill": distill_student, "evaluate": run_evaluation}
+    got = {n: stages.stage_function(n) for n, s in stages.REGISTRY.items() if s.function}
     assert got == expected
+    assert stages.stage_function("condition", SimpleNamespace(condition_model="context")) is train_context
+    assert [n for n, s in stages.REGISTRY.items() if s.trains] == ["descriptor", "condition", "density", "distill"]
     with pytest.raises(ConfigError, match="does not train; expected one of descriptor, condition, density, distill"):
         stages.train_stage("evaluate", None)
+    with pytest.raises(ConfigError, match="keeps no outputs, so it has no stage function"):
+        stages.run_stage("explore", None)
     with pytest.raises(ConfigError, match=r"unknown stage 'densty'.*density \(04\)"):
         stages.get("densty")
+
+
+def _fake_trainer(monkeypatch, steps_done):
+    """The descriptor stage's function replaced by one that 'trains' to ``steps_done`` steps."""
+    calls = []
+
+    def trainer(cfg, **kwargs):
+        calls.append(kwargs)
+        return SimpleNamespace(steps_done=steps_done)
+
+    monkeypatch.setattr(stages, "stage_function", lambda stage, cfg=None: trainer)
+    return calls
+
+
+def test_run_stage_marks_a_finished_stage_done_with_its_summary(tmp_path, monkeypatch):
+    calls = _fake_trainer(monkeypatch, steps_done=30)
+    cfg = SimpleNamespace(run_dir=str(tmp_path / "run"), steps=30)
+    result = stages.run_stage("descriptor", cfg, callback=print)
+    assert result.steps_done == 30 and calls == [{"callback": print}]
+    assert json.loads((tmp_path / "run" / "descriptor" / "DONE").read_text()) == {"steps": 30}
+
+
+def test_run_stage_leaves_an_interrupted_stage_unfinished(tmp_path, monkeypatch):
+    """Stopped at step 12 of 30 (``stop_after``): no marker, so the runner re-runs the stage and it resumes."""
+    _fake_trainer(monkeypatch, steps_done=12)
+    stages.run_stage("descriptor", SimpleNamespace(run_dir=str(tmp_path / "run"), steps=30), stop_after=12)
+    assert not RunDir(tmp_path / "run").done("descriptor")
+
+
+def test_run_stage_keeps_the_marker_of_a_stage_already_done(tmp_path, monkeypatch):
+    """Caches built on a stage are stamped with its marker's time: running a done stage again keeps it."""
+    _fake_trainer(monkeypatch, steps_done=30)
+    run = RunDir(tmp_path / "run")
+    marker = run.mark_done("descriptor", {"steps": 30, "note": "first"})
+    before = marker.stat().st_mtime_ns
+    stages.run_stage("descriptor", SimpleNamespace(run_dir=str(run.path), steps=30))
+    assert marker.stat().st_mtime_ns == before and json.loads(marker.read_text())["note"] == "first"
+
+
+def test_run_stage_writes_the_marker_on_rank_0_only(tmp_path, monkeypatch):
+    _fake_trainer(monkeypatch, steps_done=30)
+    monkeypatch.setenv("RANK", "1")
+    stages.run_stage("descriptor", SimpleNamespace(run_dir=str(tmp_path / "run"), steps=30))
+    assert not RunDir(tmp_path / "run").done("descriptor")
+
+
+def test_the_data_stage_summary_counts_cases_and_datasets():
+    index = {"cases": [{"id": "a", "dataset": "phantoms"}, {"id": "b", "dataset": "lidc"},
+                       {"id": "c", "dataset": "phantoms"}]}
+    assert stages.stage_summary("data", SimpleNamespace(), index) == {"cases": 3, "datasets": ["lidc", "phantoms"]}
 
 
 def test_parse_stages_by_name_number_and_range():
@@ -59,3 +117,12 @@ def test_run_dir_owns_the_stage_folders_and_done_markers(tmp_path):
     assert not run.done("environment")  # keeps nothing: never done, always run
     with pytest.raises(InputError, match="keeps none"):
         run.stage_dir("explore")
+
+
+def test_a_notebooks_checks_are_kept_beside_the_marker(tmp_path):
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(InputError, match="condition notebook's summary.*no such file"):
+        run.summary("condition")
+    run.write_summary("condition", {"quality": {"R^2": 0.5}})
+    assert json.loads((tmp_path / "run" / "condition" / "summary.json").read_text()) == {"quality": {"R^2": 0.5}}
+    assert run.summary("condition") == {"quality": {"R^2": 0.5}} and not run.done("condition")
