@@ -172,6 +172,59 @@ def pooled_map(encoder: nn.Module, x: torch.Tensor, patch, stride, overlap: floa
     return out[..., :grid[0], :grid[1], :grid[2]]
 
 
+def tiled_pooled_map(encoder: nn.Module, x: torch.Tensor, stride, tile, halo, *, multiple: int = 1) -> torch.Tensor:
+    """(1, C, X // sx, Y // sy, Z // sz) float32 on the CPU: an encoder's pooled map of the whole
+    image ``x`` (1, 1, X, Y, Z), each voxel encoded about once.
+
+    The image is cut into tiles of ``tile`` voxels that overlap by two ``halo`` widths; each tile
+    is encoded and pooled with ``stride``, and each cell is taken from the one tile whose core
+    (the tile without its halo) holds it -- no blending. A voxel is encoded about
+    prod(tile / (tile - 2 halo)) times, against prod(1 / (1 - overlap)) times for the sliding
+    windows of :func:`pooled_map` (2.4x at overlap 0.25, 8x at 0.5).
+
+    Exact -- equal to the pooled output of one pass over the whole zero-padded image -- for an
+    encoder whose output at a voxel depends only on the input within ``halo`` voxels and that
+    does not normalise over its input (tested with such a network). The project's UNets use
+    instance normalisation and a receptive field wider than any affordable halo, so for them
+    the map is an approximation of the windowed one (``bench tiles`` measures how close).
+
+    Args:
+        stride: pooling cells (sx, sy, sz) voxels; ``halo`` and ``tile - 2 halo`` must be
+            multiples of it, so tiles cut the cell grid at cell boundaries.
+        tile, halo: (3,) voxels; ``tile`` a multiple of ``multiple`` (the UNet's input multiple).
+    """
+    from .models.density import pool_features
+    from .ssl.task import encode
+
+    stride, tile, halo = (tuple(int(v) for v in t) for t in (stride, tile, halo))
+    core = tuple(t - 2 * h for t, h in zip(tile, halo))
+    if any(c <= 0 or c % s or h % s for c, h, s in zip(core, halo, stride)) or any(t % multiple for t in tile):
+        raise ConfigError(f"tiles {tile} with halo {halo}: expected a halo and a core (tile - 2 halo = {core}) "
+                          f"that are positive multiples of the pooling stride {stride}, and tiles that are "
+                          f"multiples of {multiple}")
+    shape = tuple(x.shape[2:])
+    counts = [-(-n // c) for n, c in zip(shape, core)]
+    pad = []
+    for n, c, h, k in reversed(list(zip(shape, core, halo, counts))):
+        pad += [h, k * c + h - n]
+    xp = torch.nn.functional.pad(x.float(), pad)
+    dev = next(encoder.parameters()).device
+    out = None
+    for i in range(counts[0]):
+        for j in range(counts[1]):
+            for k in range(counts[2]):
+                idx = (i, j, k)
+                window = xp[(..., *(slice(q * c, q * c + t) for q, c, t in zip(idx, core, tile)))].to(dev)
+                with autocast(dev):
+                    cells = pool_features(encode(encoder, window).float(), stride).cpu()
+                if out is None:
+                    out = torch.zeros(1, cells.shape[1], *(q * c // s for q, c, s in zip(counts, core, stride)))
+                inner = cells[(..., *(slice(h // s, (h + c) // s) for h, c, s in zip(halo, core, stride)))]
+                out[(..., *(slice(q * c // s, (q + 1) * c // s) for q, c, s in zip(idx, core, stride)))] = inner
+    grid = [n // s for n, s in zip(shape, stride)]
+    return out[..., :grid[0], :grid[1], :grid[2]]
+
+
 @torch.inference_mode()
 def scan_scores(extractor: FeatureExtractor, densities: dict, x: torch.Tensor, patch, overlap: float = 0.25,
                 sw_batch: int = 2, extractors: dict | None = None, body: np.ndarray | None = None) -> dict:
