@@ -51,6 +51,7 @@ flow_depth = None  # flow blocks
 flow_hidden = None  # coupling-net width (paper 512)
 sincos_dim = None  # channels of the sin-cos position condition
 overlap = None  # sliding-window overlap of the maps shown here (paper 0.5)
+descriptor_map = None  # the descriptor over a whole scan: windows (the paper's) | scan (one pass)
 lr = None  # peak learning rate
 warmup = None  # warm-up steps
 checkpoint_every = None  # steps between atomic checkpoints

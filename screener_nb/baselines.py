@@ -113,7 +113,7 @@ def init_descriptor_gaussian(run_dir: str | Path, *, n_fit: int = 6, device: str
     dev = resolve_device(device)
     spacing = tuple(read_index(run_dir)["preprocess"]["spacing"])
     extractor = FeatureExtractor(load_encoder(run_dir, "descriptor", trained=False, device=dev), "none", None,
-                                 spacing, cfg.pool_stride, cfg.sincos_dim).to(dev).eval()
+                                 spacing, cfg.pool_stride, cfg.sincos_dim, cfg.descriptor_map).to(dev).eval()
     cases = load_cohort(run_dir, role="train")
     if not cases:
         raise InputError(run_dir / "data", "at least one training case", "none")

@@ -170,6 +170,10 @@ STAGES: dict[str, dict] = {
             "flow_hidden": _p(int, _prof(64, 128, 512), "coupling-net width"),
             "sincos_dim": _p(int, 24, "channels of the sin-cos position condition"),
             "overlap": _p(float, _prof(0.25, 0.25, 0.5), "sliding-window overlap of the maps the notebook shows"),
+            "descriptor_map": _p(str, "windows", "how a whole scan's descriptor map is computed, for fitting and for "
+                                 "scoring: windows (sliding windows of `patch`, the paper's) | scan (one pass over the "
+                                 "scan, tiled beyond 192 x 192 x 160 voxels; only for context runs, whose densities "
+                                 "are fitted on whole scans)", ("windows", "scan")),
         },
     },
     "distill": {

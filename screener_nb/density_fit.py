@@ -38,11 +38,12 @@ class SharedFeatures(nn.Module):
     encoder runs once when ``learned`` is requested; ``sincos`` codes cost nothing.
     """
 
-    def __init__(self, run_dir: Path, conditions, spacing, pool_stride, sincos_dim, device="cpu"):
+    def __init__(self, run_dir: Path, conditions, spacing, pool_stride, sincos_dim, device="cpu",
+                 descriptor_map: str = "windows"):
         super().__init__()
         self.conditions = list(conditions)
         self.base = _extractor(run_dir, "learned" if "learned" in self.conditions else "none", spacing,
-                               pool_stride, sincos_dim, device)
+                               pool_stride, sincos_dim, device, descriptor_map)
         # per-condition views sharing the base's encoders (no copies): their dims go in model.json
         self.views = {c: FeatureExtractor(self.base.descriptor, c, self.base.condition_encoder, spacing,
                                           pool_stride, sincos_dim) for c in self.conditions}
@@ -210,7 +211,8 @@ def build_density_model(spec: dict) -> nn.Module:
     return build_density(kind, dim=spec["dim"], cond_dim=spec["cond_dim"], **kw)
 
 
-def _extractor(run_dir: Path, condition: str, spacing, pool_stride, sincos_dim, device="cpu") -> FeatureExtractor:
+def _extractor(run_dir: Path, condition: str, spacing, pool_stride, sincos_dim, device="cpu",
+               descriptor_map: str = "windows") -> FeatureExtractor:
     from .ssl.task import load_encoder
 
     files.require_stage(run_dir, "descriptor")
@@ -222,7 +224,8 @@ def _extractor(run_dir: Path, condition: str, spacing, pool_stride, sincos_dim, 
         files.require_stage(run_dir, "condition")
         cond_enc = (load_context(run_dir, device=device) if is_context(run_dir)
                     else load_encoder(run_dir, "condition", device=device))
-    return FeatureExtractor(descriptor, condition, cond_enc, spacing, pool_stride, sincos_dim).to(device).eval()
+    return FeatureExtractor(descriptor, condition, cond_enc, spacing, pool_stride, sincos_dim,
+                            descriptor_map).to(device).eval()
 
 
 JOINT_DIR = "joint_fit"  # checkpoint + log of the ensemble (resume); each model is exported to <condition>-<density>/
@@ -257,14 +260,16 @@ def fit_densities(cfg: Any, *, callback: Callable[[str, dict], None] | None = No
     if not methods and residual is None:
         raise InputError("density parameters", "at least one condition and one density", f"conditions={cfg.conditions!r}, densities={cfg.densities!r}")
     needed = dict.fromkeys([c for c, _ in methods.values()] + (["learned"] if residual else []))
-    features = SharedFeatures(run_dir, needed, spacing, cfg.pool_stride, cfg.sincos_dim)
+    features = SharedFeatures(run_dir, needed, spacing, cfg.pool_stride, cfg.sincos_dim,
+                              descriptor_map=cfg.descriptor_map)
     stage = files.stage_dir(run_dir, "density")
     specs, densities = {}, {}
     for name, (condition, density) in methods.items():
         view = features.views[condition]
         specs[name] = {"condition": condition, "density": density, "dim": view.dim, "cond_dim": view.cond_dim,
                        "flow_depth": cfg.flow_depth, "flow_hidden": cfg.flow_hidden, "patch": list(cfg.patch),
-                       "pool_stride": list(cfg.pool_stride), "sincos_dim": cfg.sincos_dim, "spacing": list(spacing)}
+                       "pool_stride": list(cfg.pool_stride), "sincos_dim": cfg.sincos_dim, "spacing": list(spacing),
+                       "descriptor_map": cfg.descriptor_map}
         torch.manual_seed(cfg.seed)  # each model starts as it would in a fit of its own
         densities[name] = build_density_model(specs[name])
     ensemble = DensityEnsemble(densities, {n: c for n, (c, _) in methods.items()})
@@ -282,6 +287,10 @@ def fit_densities(cfg: Any, *, callback: Callable[[str, dict], None] | None = No
             progress(f"[density] {residual} skipped: it needs the context condition (condition_model=context "
                      f"in stage 03), and {run_dir / 'condition'} holds the masked UNet")
         residual = None
+    if cfg.descriptor_map != "windows" and not is_context(run_dir):
+        raise ConfigError(f"density parameter descriptor_map={cfg.descriptor_map!r}: a whole-scan descriptor map "
+                          f"needs the context condition (condition_model=context in stage 03), whose densities are "
+                          f"fitted on whole scans; {run_dir / 'condition'} holds the masked UNet (use 'windows')")
     out = {}
     if is_context(run_dir):  # the context condition needs whole scans: encode each once, fit on its grid
         made = files.read_json(run_dir / "condition" / "model.json")
@@ -361,7 +370,9 @@ def load_density(run_dir: str | Path, condition: str, density: str, device: str 
         raise InputError(run_dir / "density", f"a fitted '{method_name(condition, density)}' density model",
                          f"only {', '.join(fitted) or 'none'} (fit it in notebook 04 / -p conditions=... densities=...)")
     spec = files.read_json(folder / "model.json")
-    extractor = _extractor(run_dir, condition, spec["spacing"], spec["pool_stride"], spec["sincos_dim"], device)
+    # runs fitted before the descriptor could be encoded in one pass used the sliding windows
+    extractor = _extractor(run_dir, condition, spec["spacing"], spec["pool_stride"], spec["sincos_dim"], device,
+                           spec.get("descriptor_map", "windows"))
     if extractor.dim != spec["dim"] or extractor.cond_dim != spec["cond_dim"]:
         raise InputError(folder / "model.json", f"dimensions matching the run's encoders (d={extractor.dim}, "
                          f"c={extractor.cond_dim})", f"d={spec['dim']}, c={spec['cond_dim']}")

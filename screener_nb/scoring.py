@@ -174,7 +174,8 @@ class JointDensityScorer:
         ext0 = first.extractor
         learned = next((s.extractor for s in screeners.values() if s.extractor.condition_kind == "learned"), None)
         # one descriptor (and one condition encoder) for all: the per-method copies are dropped
-        self.base = learned or FeatureExtractor(ext0.descriptor, "none", None, ext0.spacing, ext0.pool_stride)
+        self.base = learned or FeatureExtractor(ext0.descriptor, "none", None, ext0.spacing, ext0.pool_stride,
+                                                descriptor_map=ext0.descriptor_map)
         self.extractors = {m: s.extractor for m, s in screeners.items()}
         self.densities = {m: s.density for m, s in screeners.items()}
 
@@ -196,4 +197,4 @@ def joint_key(screener: Any) -> tuple:
     """What density methods must share to be scored in one pass."""
     e = screener.extractor
     return (tuple(screener.patch), tuple(e.pool_stride), tuple(float(v) for v in e.spacing), str(screener.device),
-            float(screener.overlap), int(screener.sw_batch), screener.mode)
+            float(screener.overlap), int(screener.sw_batch), screener.mode, e.descriptor_map)

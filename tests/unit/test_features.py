@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from screener_nb.errors import ConfigError
-from screener_nb.features import tiled_pooled_map
+from screener_nb.features import FeatureExtractor, scan_pooled_map, scan_tiling, tiled_pooled_map
 from screener_nb.models.density import pool_features
 
 
@@ -64,3 +64,47 @@ def test_tiles_that_cut_cells_are_refused():
         tiled_pooled_map(net, x, (3, 3, 2), (18, 18, 12), (2, 3, 2))
     with pytest.raises(ConfigError, match="multiples of 16"):
         tiled_pooled_map(net, x, (3, 3, 2), (18, 18, 12), (3, 3, 2), multiple=16)
+
+
+def test_scan_tiling_by_hand():
+    # a demo phantom: every axis fits one tile, rounded up to lcm(stride, 16) = 48, 48, 16
+    assert scan_tiling((157, 113, 111), (3, 3, 2), 16) == ((192, 144, 112), (0, 0, 0))
+    # LIDC-IDRI-0001 preprocessed: X (240) is longer than the 192-voxel tile, so it alone is tiled with a halo
+    assert scan_tiling((240, 184, 148), (3, 3, 2), 16) == ((192, 192, 160), (24, 0, 0))
+
+
+def test_a_scan_that_fits_one_tile_is_one_pass_over_it():
+    """Reference: one pass of the network over the image zero-padded at its end to the tile, pooled."""
+    net = NormFree().eval()
+    x = torch.rand(1, 1, 20, 17, 9, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = scan_pooled_map(net, x, (3, 3, 2))
+        padded = torch.nn.functional.pad(x, (0, 10 - 9, 0, 18 - 17, 0, 21 - 20))
+        reference = pool_features(net(padded), (3, 3, 2))[..., :6, :5, :4]
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_scan_larger_than_the_tile_is_tiled_with_the_halo_and_still_exact():
+    net = NormFree().eval()
+    x = torch.rand(1, 1, 40, 31, 22, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = scan_pooled_map(net, x, (3, 3, 2), max_tile=(18, 18, 12), halo=(3, 3, 2))
+    torch.testing.assert_close(out, _whole_pass(net, x, (3, 3, 2), (3, 3, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_the_extractor_encodes_a_scan_the_way_it_was_asked():
+    class Descriptor(NormFree):
+        spec = {"in_channels": 1, "out_channels": 3}
+
+    x = torch.rand(1, 1, 48, 48, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        whole = FeatureExtractor(Descriptor().eval(), "none", None, (1.0,) * 3, descriptor_map="scan")
+        windows = FeatureExtractor(Descriptor().eval(), "none", None, (1.0,) * 3)
+        y_scan, _ = whole.scan_features(x, (24, 24, 16), overlap=0.5)
+        y_windows, _ = windows.scan_features(x, (24, 24, 16), overlap=0.5)
+        reference = pool_features(Descriptor().eval()(x), (3, 3, 2))
+    torch.testing.assert_close(y_scan, reference, rtol=1e-5, atol=1e-6)
+    # windows see zeros at their borders where the whole pass sees the image: the maps differ there
+    assert not torch.allclose(y_windows, reference, atol=1e-3)
+    with pytest.raises(ConfigError, match="descriptor_map: expected one of windows, scan, found 'tiles'"):
+        FeatureExtractor(Descriptor(), "none", None, (1.0,) * 3, descriptor_map="tiles")
